@@ -1,0 +1,48 @@
+//! CPU identification and control.
+
+use aarch32_cpu::register::{Cpsr, Midr, Mpidr};
+
+/// CPSR mode field values (the boot assembly passes the entry mode in this encoding).
+pub const MODE_SVC: usize = 0x13;
+pub const MODE_HYP: usize = 0x1a;
+
+/// MPIDR affinity of the calling CPU (Aff2..Aff0 packed as in the register).
+pub fn mpidr() -> u64 {
+    u64::from(Mpidr::read().0 & 0x00ff_ffff)
+}
+
+/// MIDR, widened so that generic code handles both architectures alike.
+pub fn midr() -> u64 {
+    u64::from(Midr::read().raw_value())
+}
+
+/// Name of a processor mode given as CPSR mode bits: the mode the loader entered us in (the boot
+/// assembly then runs the kernel in SVC), or the mode field of a saved CPSR.
+pub fn exception_level_name(mode: usize) -> &'static str {
+    match mode {
+        0x10 => "USR",
+        0x11 => "FIQ",
+        0x12 => "IRQ",
+        MODE_SVC => "SVC",
+        0x16 => "MON",
+        0x17 => "ABT",
+        MODE_HYP => "HYP",
+        0x1b => "UND",
+        0x1f => "SYS",
+        _ => "mode?",
+    }
+}
+
+/// The mode the kernel runs in (SVC after the boot assembly; another mode inside an exception
+/// handler).
+pub fn running_level_name() -> &'static str {
+    exception_level_name((Cpsr::read().raw_value() & 0x1f) as usize)
+}
+
+/// Stop this CPU for good, with interrupts masked.
+pub fn wait_forever() -> ! {
+    loop {
+        // SAFETY: masking interrupts and waiting has no memory effects.
+        unsafe { core::arch::asm!("cpsid aif", "wfe", options(nomem, nostack)) };
+    }
+}

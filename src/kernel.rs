@@ -1,0 +1,352 @@
+//! The boot path and the main job: from the boot assembly's hand-off to power-off.
+
+use crate::arch;
+use crate::bootargs::Bootargs;
+use crate::dt::DeviceTree;
+use crate::mm::addr::{PhysAddr, PAGE_SIZE};
+use crate::mm::kmap::{self, EarlyRange, ImageLayout};
+use crate::mm::memmap::{HumanSize, MemoryMap, ReservationKind};
+use crate::{drivers, ktest, println};
+use core::fmt;
+use spin::{Mutex, Once};
+
+/// Exit statuses of the kernel (the QEMU process status under semihosting).
+pub mod exit_code {
+    pub const SUCCESS: u32 = 0;
+    /// At least one test case failed.
+    pub const TESTS_FAILED: u32 = 1;
+    /// The boot could not go on: no or a malformed device tree, an unusable memory map, bad bootargs.
+    pub const BOOT_ERROR: u32 = 2;
+    /// A Rust panic.
+    pub const PANIC: u32 = 3;
+    /// An unexpected exception (abort, undefined instruction, ...).
+    pub const EXCEPTION: u32 = 4;
+}
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+    static __text_end: u8;
+    static __rodata_end: u8;
+}
+
+/// The kernel image's physical range `[start, end)`, bss included.
+pub fn image_range() -> (usize, usize) {
+    (core::ptr::addr_of!(__image_start) as usize, core::ptr::addr_of!(__image_end) as usize)
+}
+
+/// Ends of the text and read-only sections, for the final mapping's permissions.
+pub fn section_ends() -> (usize, usize) {
+    (core::ptr::addr_of!(__text_end) as usize, core::ptr::addr_of!(__rodata_end) as usize)
+}
+
+/// Power off with `code`: semihosting when a host answers (QEMU), else PSCI SYSTEM_OFF, else park.
+pub fn exit(code: u32) -> ! {
+    arch::semihosting::exit(code);
+    crate::drivers::psci::system_off();
+    arch::cpu::wait_forever()
+}
+
+/// Report a fatal boot error and stop.
+pub fn boot_error(args: fmt::Arguments) -> ! {
+    crate::console::emergency_print(format_args!("dmakern: boot error: {args}\n"));
+    exit(exit_code::BOOT_ERROR)
+}
+
+pub fn unexpected_exception(report: &dyn fmt::Display) -> ! {
+    crate::console::emergency_print(format_args!("{report}"));
+    if let Some((suite, n, case)) = crate::ktest::current_case() {
+        crate::console::emergency_print(format_args!("    not ok {n} {case}\n# crashed in {suite}.{case}\nBail out! exception\n"));
+    }
+    exit(exit_code::EXCEPTION)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    crate::console::emergency_print(format_args!("dmakern: panic: {info}\n"));
+    if let Some((suite, n, case)) = crate::ktest::current_case() {
+        crate::console::emergency_print(format_args!("    not ok {n} {case}\n# panicked in {suite}.{case}\nBail out! panic\n"));
+    }
+    exit(exit_code::PANIC)
+}
+
+/// Bootargs this kernel understands; others are reported and ignored.
+pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash"];
+
+/// The kernel heap's size: bookkeeping only (DMA buffers never come from it).
+const HEAP_SIZE: u64 = 4 << 20;
+
+/// What the boot path found, for the rest of the kernel and the tests.
+pub struct BootInfo {
+    pub dt: DeviceTree<'static>,
+    pub bootargs: Bootargs<'static>,
+    pub memmap: Mutex<MemoryMap>,
+    pub image: ImageLayout,
+    pub entry_level: usize,
+    pub console: Option<(&'static str, u64)>,
+}
+
+static BOOT: Once<BootInfo> = Once::new();
+
+/// The boot information; available to everything that runs after the boot path (tests, drivers).
+pub fn boot_info() -> &'static BootInfo {
+    BOOT.get().expect("boot_info() before the boot path finished")
+}
+
+fn image_layout() -> ImageLayout {
+    let (start, end) = image_range();
+    let (text_end, rodata_end) = section_ends();
+    ImageLayout { start: start as u64, text_end: text_end as u64, rodata_end: rodata_end as u64, end: end as u64 }
+}
+
+/// Size of the DTB at `ptr` if its header looks like one, read with the MMU off (aligned word
+/// loads only); `None` if it does not, and `DeviceTree::from_ptr` then says why.
+fn probe_dtb(ptr: usize) -> Option<u64> {
+    if ptr == 0 || ptr % 8 != 0 {
+        return None;
+    }
+    // SAFETY: a non-null, aligned pointer the boot loader passed as the DTB; reading its first two
+    // words is what every boot protocol allows.
+    let (magic, size) = unsafe { (core::ptr::read_volatile(ptr as *const u32), core::ptr::read_volatile((ptr + 4) as *const u32)) };
+    (u32::from_be(magic) == 0xd00d_feed).then_some(u32::from_be(size) as u64)
+}
+
+/// The early UART given at build time (`DMAKERN_EARLY_UART=0x...`), for messages before the device
+/// tree names a console.
+const EARLY_UART: Option<u64> = match option_env!("DMAKERN_EARLY_UART") {
+    Some(s) => Some(parse_hex(s)),
+    None => None,
+};
+
+const fn parse_hex(s: &str) -> u64 {
+    let b = s.as_bytes();
+    let mut i = if b.len() > 2 && b[0] == b'0' && (b[1] == b'x' || b[1] == b'X') { 2 } else { 0 };
+    let mut v: u64 = 0;
+    while i < b.len() {
+        let d = match b[i] {
+            c @ b'0'..=b'9' => c - b'0',
+            c @ b'a'..=b'f' => c - b'a' + 10,
+            c @ b'A'..=b'F' => c - b'A' + 10,
+            _ => panic!("DMAKERN_EARLY_UART must be a hexadecimal address"),
+        };
+        v = v * 16 + d as u64;
+        i += 1;
+    }
+    v
+}
+
+static CONSOLE_UART: Once<drivers::pl011::Pl011> = Once::new();
+
+fn start_console(base: u64) {
+    // SAFETY: `base` is a PL011 register block named by the DT (or the build), mapped as device
+    // memory by the caller, and used only by the console from now on.
+    let uart = CONSOLE_UART.call_once(|| unsafe { drivers::pl011::Pl011::new(base as usize) });
+    uart.init();
+    crate::console::set(uart);
+}
+
+/// The console from /chosen/stdout-path: the driver's name and its register address.
+fn find_console(dt: &DeviceTree<'static>) -> Result<Option<(&'static str, u64)>, crate::dt::DtError> {
+    let Some(stdout) = dt.stdout_path()? else { return Ok(None) };
+    if !stdout.node.is_compatible("arm,pl011") {
+        return Ok(None);
+    }
+    let reg = dt.reg0(&stdout.node)?;
+    Ok(Some(("pl011", reg.base().0)))
+}
+
+/// Name of the CPU from MIDR (implementer Arm only; others by number).
+fn cpu_name(midr: u64) -> &'static str {
+    if (midr >> 24) & 0xff != 0x41 {
+        return "non-Arm CPU";
+    }
+    match (midr >> 4) & 0xfff {
+        0xc07 => "Cortex-A7",
+        0xc0f => "Cortex-A15",
+        0xd03 => "Cortex-A53",
+        0xd04 => "Cortex-A35",
+        0xd05 => "Cortex-A55",
+        0xd07 => "Cortex-A57",
+        0xd08 => "Cortex-A72",
+        0xd0b => "Cortex-A76",
+        0xd0c => "Neoverse-N1",
+        0xd40 => "Neoverse-V1",
+        0xd49 => "Neoverse-N2",
+        0xd4f => "Neoverse-V2",
+        _ => "Arm CPU",
+    }
+}
+
+#[no_mangle]
+extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: usize) -> ! {
+    let image = image_layout();
+    let dtb_size = probe_dtb(dtb);
+    if dtb_size.is_none() {
+        // Not a DTB: no console can be found. Say why on the early UART if there is one; reading
+        // the header again here is safe with the MMU off.
+        // SAFETY: as in `probe_dtb`.
+        let err = unsafe { DeviceTree::from_ptr(dtb as *const u8) }.err();
+        if let Some(uart) = EARLY_UART {
+            start_console(uart);
+        }
+        match err {
+            Some(e) => boot_error(format_args!("device tree from the boot loader at {dtb:#x}: {e}")),
+            None => boot_error(format_args!("device tree from the boot loader at {dtb:#x} is unreadable")),
+        }
+    }
+    let mut early = [
+        EarlyRange { base: image.start, size: image.end - image.start, device: false },
+        EarlyRange { base: dtb as u64, size: dtb_size.unwrap_or(0), device: false },
+        EarlyRange { base: EARLY_UART.unwrap_or(0), size: PAGE_SIZE, device: true },
+    ];
+    let nearly = if EARLY_UART.is_some() { 3 } else { 2 };
+    // SAFETY: first thing on the boot CPU, MMU off; the ranges cover the image (code, stack, data)
+    // and the DTB.
+    if let Err(e) = unsafe { kmap::early_enable(&mut early[..nearly], &image) } {
+        boot_error(format_args!("early page tables: {e}"));
+    }
+    if let Some(uart) = EARLY_UART {
+        start_console(uart);
+    }
+
+    // SAFETY: the pointer passed the header probe and the whole blob is mapped; the memory map
+    // reserves it for good.
+    let dt = match unsafe { DeviceTree::from_ptr(dtb as *const u8) } {
+        Ok(dt) => dt,
+        Err(e) => boot_error(format_args!("device tree at {dtb:#x}: {e}")),
+    };
+    let console = match find_console(&dt) {
+        Ok(c) => c,
+        Err(e) => boot_error(format_args!("/chosen/stdout-path: {e}")),
+    };
+    if let Some((_, base)) = console {
+        if let Err(e) = kmap::early_map_device(base, PAGE_SIZE) {
+            boot_error(format_args!("console at {base:#x}: {e}"));
+        }
+        if EARLY_UART != Some(base) {
+            start_console(base);
+        }
+    }
+
+    let model = dt.model().ok().flatten().unwrap_or("unknown board");
+    let midr = arch::cpu::midr();
+    let ncpus = dt.cpu_count().unwrap_or(0);
+    println!();
+    println!("dmakern {} ({}) on {model}", env!("CARGO_PKG_VERSION"), arch::NAME);
+    println!(
+        "cpu: {} (MIDR {midr:#010x}), {ncpus} CPU(s) in the DT; entered at {}, running at {}",
+        cpu_name(midr),
+        arch::cpu::exception_level_name(entry_level),
+        arch::cpu::running_level_name()
+    );
+    println!(
+        "loaded at {:#x} ({} image, {} with bss); device tree at {dtb:#x} ({} bytes)",
+        image.start,
+        HumanSize(image_file_size() as u64),
+        HumanSize(image.end - image.start),
+        dt.totalsize()
+    );
+    match console {
+        Some((name, base)) => println!("console: {name} at {base:#x} (/chosen/stdout-path)"),
+        None => println!("console: none usable in /chosen/stdout-path"),
+    }
+
+    let cmdline = match dt.bootargs() {
+        Ok(c) => c.unwrap_or(""),
+        Err(e) => boot_error(format_args!("/chosen/bootargs: {e}")),
+    };
+    println!("bootargs: \"{cmdline}\"");
+    let bootargs = match Bootargs::parse(cmdline) {
+        Ok(b) => b,
+        Err(e) => boot_error(format_args!("bootargs: {e}")),
+    };
+    for arg in bootargs.unknown(KNOWN_BOOTARGS) {
+        println!("bootargs: unknown key `{}`, ignored", arg.key);
+    }
+
+    let mut memmap = match MemoryMap::from_dt(&dt, PhysAddr(image.start)..PhysAddr(image.end)) {
+        Ok(m) => m,
+        Err(e) => boot_error(format_args!("memory map: {e}")),
+    };
+    // SAFETY: once, after early_enable; `image` describes the running kernel.
+    if let Err(e) = unsafe { kmap::build(&memmap, &image) } {
+        boot_error(format_args!("kernel page tables: {e}"));
+    }
+    let heap = match memmap.alloc_early(HEAP_SIZE, PAGE_SIZE, None, ReservationKind::Heap, "kernel heap") {
+        Ok(h) => h,
+        Err(e) => boot_error(format_args!("kernel heap: {e}")),
+    };
+    // SAFETY: just reserved in the memory map for the heap alone, and mapped by the linear map.
+    unsafe { crate::mm::heap::init(heap.0 as usize, HEAP_SIZE as usize) };
+
+    println!("memory map:");
+    let _ = memmap.write_to(&mut ConsoleWriter);
+
+    match dt.psci() {
+        Ok(Some(psci)) => {
+            let method = match psci.method {
+                crate::dt::PsciMethod::Hvc => "hvc",
+                crate::dt::PsciMethod::Smc => "smc",
+            };
+            drivers::psci::init(method);
+            match drivers::psci::version() {
+                Some((maj, min)) => println!("psci: {maj}.{min} via {method}"),
+                None => println!("psci: no answer via {method}"),
+            }
+        }
+        Ok(None) => println!("psci: none in the DT"),
+        Err(e) => println!("psci: ignored: {e}"),
+    }
+
+    BOOT.call_once(|| BootInfo { dt, bootargs, memmap: Mutex::new(memmap), image, entry_level, console });
+    let info = boot_info();
+
+    if let Some(how) = info.bootargs.get("crash") {
+        crash(how);
+    }
+    let filter = ktest::Filter::new(info.bootargs.get("ktest.filter"));
+    let totals = ktest::run_all(&filter, || {
+        let ticks = arch::counter::read();
+        let freq = arch::counter::frequency().max(1);
+        let ns = (ticks as u128 * 1_000_000_000 / freq as u128) as u64;
+        println!("# boot: {ns} ns of virtual time from reset to this header (counter {ticks} at {freq} Hz; under --icount, instructions)");
+    });
+    println!("dmakern: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.skipped);
+    exit(if totals.failed == 0 { exit_code::SUCCESS } else { exit_code::TESTS_FAILED })
+}
+
+/// `crash=panic|abort|undef`: crash on purpose after boot, to check the crash reports (the QEMU
+/// matrix asserts their text and exit status).
+fn crash(how: &str) {
+    println!("crash: as asked by the bootargs ({how})");
+    match how {
+        "panic" => panic!("deliberate panic (bootarg crash=panic)"),
+        "abort" => {
+            let addr = kmap::unmapped_address();
+            // SAFETY: a deliberately faulting read of an unmapped address; the exception handler
+            // reports it and ends the run.
+            unsafe { core::ptr::read_volatile(addr as *const u32) };
+        }
+        "undef" => arch::cpu::undefined_instruction(),
+        other => println!("crash: unknown kind `{other}` (panic, abort, undef); not crashing"),
+    };
+}
+
+/// Bytes of the image file (up to the end of initialised data).
+fn image_file_size() -> usize {
+    extern "C" {
+        static __data_end: u8;
+    }
+    core::ptr::addr_of!(__data_end) as usize - image_range().0
+}
+
+/// `core::fmt::Write` onto the console.
+pub struct ConsoleWriter;
+
+impl fmt::Write for ConsoleWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        crate::print!("{s}");
+        Ok(())
+    }
+}

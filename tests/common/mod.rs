@@ -1,0 +1,131 @@
+//! The QEMU test harness: builds each kernel image once, boots configurations through
+//! `qemu-run.sh`, and judges the KTAP report (`dmakern::ktest::parse`). A failure names the
+//! configuration and the case.
+#![allow(dead_code)]
+
+use dmakern::ktest::parse::{parse, Report, Status};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Build the image for `arch` once per test binary (cargo's own lock serialises concurrent builds).
+pub fn build(arch: &str) {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut done = built.lock().unwrap();
+    if done.iter().any(|a| a == arch) {
+        return;
+    }
+    let out = Command::new(root().join("qemu-run.sh"))
+        .args(["--arch", arch, "--build-only"])
+        .current_dir(root())
+        .output()
+        .expect("run qemu-run.sh");
+    assert!(out.status.success(), "building the {arch} kernel failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    done.push(arch.to_string());
+}
+
+/// Compile `tests/dts/NAME.dts` with dtc into target/dtb/NAME.dtb.
+pub fn dtb(name: &str) -> PathBuf {
+    let src = root().join("tests/dts").join(format!("{name}.dts"));
+    let dir = root().join("target/dtb");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{name}.dtb"));
+    let r = Command::new("dtc")
+        .args(["-q", "-I", "dts", "-O", "dtb", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("dtc is needed to compile the test device trees (apt-get install device-tree-compiler)");
+    assert!(r.status.success(), "dtc {}: {}", src.display(), String::from_utf8_lossy(&r.stderr));
+    out
+}
+
+/// A finished boot.
+pub struct Boot {
+    pub name: String,
+    pub status: Option<i32>,
+    pub log: String,
+    pub report: Report,
+}
+
+impl Boot {
+    /// Assert that the run passed: exit 0, KTAP complete, no `not ok`, summary with 0 failed.
+    pub fn assert_passed(&self) -> &Self {
+        let problems = self.report.problems();
+        if self.status != Some(0) || !problems.is_empty() {
+            panic!(
+                "[{}] failed (qemu-run.sh status {:?}):\n  {}\n--- console ---\n{}",
+                self.name,
+                self.status,
+                problems.join("\n  "),
+                tail(&self.log, 80)
+            );
+        }
+        self
+    }
+
+    /// Assert that the console shows `needle`.
+    pub fn assert_log_contains(&self, needle: &str) -> &Self {
+        assert!(self.log.contains(needle), "[{}] console lacks {needle:?}\n--- console ---\n{}", self.name, tail(&self.log, 60));
+        self
+    }
+
+    /// Assert that a case ran and passed (not skipped).
+    pub fn assert_case_passed(&self, suite: &str, case: &str) -> &Self {
+        let c = self.report.cases.iter().find(|c| c.suite == suite && c.name == case);
+        match c {
+            Some(c) if c.status == Status::Pass => self,
+            Some(c) => panic!("[{}] {suite}.{case}: {:?} {:?}", self.name, c.status, c.diagnostics),
+            None => panic!("[{}] {suite}.{case} did not run\n{}", self.name, tail(&self.log, 60)),
+        }
+    }
+
+    /// Assert that a case was skipped.
+    pub fn assert_case_skipped(&self, suite: &str, case: &str) -> &Self {
+        let c = self.report.cases.iter().find(|c| c.suite == suite && c.name == case);
+        match c {
+            Some(c) if matches!(c.status, Status::Skip(_)) => self,
+            other => panic!("[{}] {suite}.{case} expected SKIP, got {other:?}", self.name),
+        }
+    }
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Boot `arch` with qemu-run.sh options `opts` (after `--no-build`); `name` identifies the
+/// configuration in failures.
+pub fn boot(name: &str, arch: &str, opts: &[&str]) -> Boot {
+    build(arch);
+    let log_path = std::env::temp_dir().join(format!("dmakern-{}-{}.log", std::process::id(), sanitize(name)));
+    let out = Command::new(root().join("qemu-run.sh"))
+        .args(["--no-build", "--arch", arch, "--timeout", "90", "--log"])
+        .arg(&log_path)
+        .args(opts)
+        .current_dir(root())
+        .output()
+        .expect("run qemu-run.sh");
+    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+    if let Ok(l) = std::fs::read_to_string(&log_path) {
+        log = l;
+    }
+    let _ = std::fs::remove_file(&log_path);
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    let report = parse(&log);
+    Boot { name: name.to_string(), status: out.status.code(), log, report }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
