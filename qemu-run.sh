@@ -116,6 +116,8 @@ if ! command -v "$qemu" >/dev/null 2>&1; then
     fi
 fi
 
+cleanup=()
+trap 'rm -f "${cleanup[@]}"' EXIT
 args=(-M "$machine" -cpu "$cpu" -m "$mem" -smp "$smp" -nodefaults -display none -serial stdio
       -semihosting-config enable=on,target=native -no-reboot
       -global virtio-mmio.force-legacy=false)
@@ -127,7 +129,8 @@ if [ -n "$dtb_raw" ] || [ -n "$dtb_ptr" ]; then
     blob=$((ram + 0x8000000))
     ptr=$(( ${dtb_ptr:-$blob} ))
     load=$((ram + 0x200000)) entry=$((ram + 0x1ff000))
-    stub="$CARGO_TARGET_DIR/dtb-stub-$arch.bin"
+    stub=$(mktemp "${TMPDIR:-/tmp}/dmakern-dtb-stub.XXXXXX")
+    cleanup+=("$stub")
     lo=$((ptr & 0xffff)) hi=$(((ptr >> 16) & 0xffff)) klo=$((load & 0xffff)) khi=$(((load >> 16) & 0xffff))
     case "$arch" in
         aarch64)  # movz x0, lo; movk x0, hi, lsl 16; movz x1, klo; movk x1, khi, lsl 16; br x1
@@ -159,7 +162,7 @@ fi
 args+=("${extra[@]}")
 
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+cleanup+=("$out")
 set +e
 if [ "$timeout" -gt 0 ]; then
     timeout -k 5 "$timeout" "$qemu" "${args[@]}" </dev/null | tee "$out"

@@ -1,11 +1,15 @@
 //! The architecture interface. Generic code uses only what is re-exported here; each architecture
 //! implements it in its own folder:
 //!
-//! - `NAME`; `cpu::{cpu_id, midr, cpu_name, exception_level_name, wait_forever}`;
+//! - `NAME`;
+//! - `cpu::{mpidr, midr, exception_level_name, running_level_name, wait_forever,
+//!   undefined_instruction}`;
 //! - `counter::{read, frequency}`: the generic timer's physical count;
 //! - `cache::{line_size, clean, invalidate, clean_invalidate}` over virtual address ranges (to the
 //!   point of coherency), `cache::{dsb, isb}`;
-//! - `mmu::{early_enable, Mmu}`: identity-mapped kernel, linear map of RAM, ioremap, the page tables;
+//! - `mmu::{KERNEL_TABLES, enable, switch, enabled, CpuTlb}`: the translation regime the generic
+//!   `mm::kmap` builds its tables for, and the CPU's TLB maintenance;
+//! - `probe::{read_u64, write_u64, Fault}`: accesses that may fault, for tests;
 //! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly);
 //! - `semihosting::exit`: returns only when no semihosting host answered the trap.
 

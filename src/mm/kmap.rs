@@ -29,6 +29,8 @@ pub const KERNEL_ASID: u16 = 0;
 /// and 1 GiB blocks); the kernel image's 4 KiB pages and MMIO mappings take the rest.
 const TABLE_POOL_PAGES: u64 = 48;
 const EARLY_POOL_PAGES: usize = 8;
+/// The boot CPU's stack, the first slice of `boot_stacks` (boot/*.s).
+const BOOT_STACK_SIZE: usize = 0x10000;
 
 /// Table pages handed out from a physical range, freed pages kept on a list threaded through their
 /// first word. Identity mapping: a table's CPU pointer is its physical address.
@@ -160,8 +162,22 @@ pub unsafe fn early_enable(ranges: &[EarlyRange], image: &ImageLayout) -> Result
             va += granule;
         }
     }
+    // What was written with the caches off and is read with them on: everything after the text
+    // (the relocations patch read-only data too), the boot CPU's stack and the early tables. The
+    // text was only read; the other CPUs' stacks and the final table pool are first written with
+    // the caches on.
+    extern "C" {
+        static __bss_end: u8;
+        static boot_stacks: u8;
+    }
+    let stack = core::ptr::addr_of!(boot_stacks) as usize;
+    let written = [
+        (image.text_end as usize, core::ptr::addr_of!(__bss_end) as usize),
+        (stack, stack + BOOT_STACK_SIZE),
+        (pool_base as usize, pool_base as usize + EARLY_POOL_PAGES * PAGE_SIZE as usize),
+    ];
     // SAFETY: the tables identity-map the image (code, stack, data) and the DTB.
-    unsafe { arch::mmu::enable(pt.root_pa(), EARLY_ASID, (image.start as usize, image.end as usize)) };
+    unsafe { arch::mmu::enable(pt.root_pa(), EARLY_ASID, &written) };
     for r in ranges.iter().filter(|r| r.device) {
         remember_device(r.base, r.size);
     }
@@ -187,10 +203,18 @@ fn remember_device(base: u64, size: u64) {
 /// Map a device into the early tables (before [`build`]), e.g. the console the DT names. At most
 /// four such ranges are carried over into the final tables.
 pub fn early_map_device(pa: u64, size: u64) -> Result<(), KmapError> {
-    let base = align_down(pa, PAGE_SIZE);
-    let end = pa.checked_add(size).and_then(|e| align_up(e, PAGE_SIZE)).ok_or(KmapError::NotMmio { base: pa, size })?;
     let mut guard = EARLY_PT.lock();
     let pt = guard.as_mut().ok_or(KmapError::NotMmio { base: pa, size })?;
+    let (base, end) = map_device(pt, pa, size)?;
+    remember_device(base, end - base);
+    Ok(())
+}
+
+/// Identity-map the pages of `[pa, pa + size)` as Device-nGnRE, read-write, execute-never;
+/// pages already mapped as a device are shared, RAM is refused. Returns the page-aligned range.
+fn map_device(pt: &mut PageTable<PagePool>, pa: u64, size: u64) -> Result<(u64, u64), KmapError> {
+    let base = align_down(pa, PAGE_SIZE);
+    let end = pa.checked_add(size).and_then(|e| align_up(e, PAGE_SIZE)).ok_or(KmapError::NotMmio { base: pa, size })?;
     let mut va = base;
     while va < end {
         match pt.translate(va) {
@@ -202,8 +226,7 @@ pub fn early_map_device(pa: u64, size: u64) -> Result<(), KmapError> {
     }
     arch::cache::dsb();
     arch::cache::isb();
-    remember_device(base, end - base);
-    Ok(())
+    Ok((base, end))
 }
 
 struct KernelMap {
@@ -309,21 +332,9 @@ mod heapless_cuts {
 /// return that address. Mapping a range that is already mapped as a device is fine (several drivers
 /// may share a page); RAM is refused.
 pub fn ioremap(pa: u64, size: u64) -> Result<usize, KmapError> {
-    let base = align_down(pa, PAGE_SIZE);
-    let end = pa.checked_add(size).and_then(|e| align_up(e, PAGE_SIZE)).ok_or(KmapError::NotMmio { base: pa, size })?;
     let mut guard = KMAP.lock();
     let km = guard.as_mut().expect("ioremap before the kernel map is built");
-    let mut va = base;
-    while va < end {
-        match km.pt.translate(va) {
-            Some(t) if t.attr.is_device() => {}
-            Some(_) => return Err(KmapError::NotMmio { base: pa, size }),
-            None => km.pt.map(va, PhysAddr(va), PAGE_SIZE, MemAttr::Device, Perms::RW)?,
-        }
-        va += PAGE_SIZE;
-    }
-    arch::cache::dsb();
-    arch::cache::isb();
+    map_device(&mut km.pt, pa, size)?;
     Ok(pa as usize)
 }
 

@@ -221,6 +221,11 @@ pub struct LeafFlags {
     /// without a PASID prefix arrive unprivileged, and real SMMUs enforce AP[1] (QEMU does not).
     /// Execute permission is then granted through UXN instead of PXN.
     pub unprivileged: bool,
+    /// The armv7 LPAE reading of bit 54: XN for every privilege level, not just unprivileged (UXN)
+    /// as in VMSAv8-64. Privileged-executable leaves then clear it as well as PXN, or the kernel
+    /// could not fetch its own text. A property of the table format, not of the descriptor, so
+    /// decoding cannot recover it: [`PageTable::translate`] reports the table's own setting.
+    pub lpae_xn: bool,
 }
 
 /// A block or page descriptor, decoded. Fields this module never varies (SH, AF, NS, Contiguous)
@@ -339,6 +344,9 @@ fn leaf_attr_bits(attr: MemAttr, perms: Perms, flags: LeafFlags) -> Result<u64, 
     bits |= PXN | UXN;
     if perms.exec {
         bits &= !executable_by;
+        if flags.lpae_xn {
+            bits &= !UXN;
+        }
     }
     Ok(bits)
 }
@@ -412,6 +420,7 @@ fn decode_leaf(desc: u64, level: u8) -> Result<Leaf, DescriptorError> {
         flags: LeafFlags {
             non_global: desc & NOT_GLOBAL != 0,
             unprivileged,
+            lpae_xn: false,
         },
     })
 }
@@ -496,6 +505,7 @@ impl PageTableConfig {
         va_bits: 48,
         oa_bits: 48,
         leaf_flags: LeafFlags {
+            lpae_xn: false,
             non_global: false,
             unprivileged: false,
         },
@@ -505,6 +515,7 @@ impl PageTableConfig {
         va_bits: 39,
         oa_bits: 48,
         leaf_flags: LeafFlags {
+            lpae_xn: false,
             non_global: false,
             unprivileged: false,
         },
@@ -516,6 +527,7 @@ impl PageTableConfig {
         leaf_flags: LeafFlags {
             non_global: false,
             unprivileged: false,
+            lpae_xn: true,
         },
     };
     /// SMMUv3 stage 1 with a 39-bit IOVA (CD.T0SZ=25), ASID-tagged, unprivileged-accessible leaves.
@@ -524,6 +536,7 @@ impl PageTableConfig {
         va_bits: 39,
         oa_bits: 48,
         leaf_flags: LeafFlags {
+            lpae_xn: false,
             non_global: true,
             unprivileged: true,
         },
@@ -911,7 +924,7 @@ impl<A: TableAlloc> PageTable<A> {
                 pa: PhysAddr::new(leaf.pa.as_u64() + offset),
                 attr: leaf.attr,
                 perms: leaf.perms,
-                flags: leaf.flags,
+                flags: LeafFlags { lpae_xn: self.config.leaf_flags.lpae_xn, ..leaf.flags },
                 level,
             });
         }
@@ -1767,6 +1780,7 @@ mod tests {
         assert_eq!(d, 0x0060_0000_4020_0701);
         // Page, Device-nGnRE RO nG: type 0b11, AttrIndx 3 (0xc), AP[2] 0x80, SH, AF, nG 0x800.
         let flags = LeafFlags {
+            lpae_xn: false,
             non_global: true,
             unprivileged: false,
         };
@@ -1791,6 +1805,7 @@ mod tests {
         assert_eq!(d, 0x0040_0008_0000_1783);
         // SMMU style: unprivileged (AP[1] 0x40) and nG, normal RW.
         let smmu = LeafFlags {
+            lpae_xn: false,
             non_global: true,
             unprivileged: true,
         };
@@ -1858,6 +1873,7 @@ mod tests {
                         [(false, false), (true, false), (false, true), (true, true)]
                     {
                         let flags = LeafFlags {
+            lpae_xn: false,
                             non_global,
                             unprivileged,
                         };
@@ -2536,6 +2552,7 @@ mod tests {
         f.check_invalidated(&log, &before).unwrap();
         let t = f.pt.translate(0x4000_3000).unwrap();
         let smmu = LeafFlags {
+            lpae_xn: false,
             non_global: true,
             unprivileged: true,
         };
@@ -2885,7 +2902,8 @@ mod tests {
                     && bit(10)
                     && bit(11) == flags.non_global
                     && bit(exec_bit) != perms.exec
-                    && bit(other_xn);
+                    // LPAE: bit 54 is XN for every level, so executable leaves clear it too.
+                    && bit(other_xn) != (flags.lpae_xn && perms.exec);
                 if ok {
                     Ok(())
                 } else {

@@ -12,21 +12,24 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Build the image for `arch` once per test binary (cargo's own lock serialises concurrent builds).
-pub fn build(arch: &str) {
+/// Build the image for `arch` (qemu-run.sh options `variant`, e.g. `--early-uart ADDR`) once per
+/// test binary (cargo's own lock serialises concurrent builds).
+pub fn build(arch: &str, variant: &[&str]) {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut done = built.lock().unwrap();
-    if done.iter().any(|a| a == arch) {
+    let key = format!("{arch} {}", variant.join(" "));
+    if done.contains(&key) {
         return;
     }
     let out = Command::new(root().join("qemu-run.sh"))
         .args(["--arch", arch, "--build-only"])
+        .args(variant)
         .current_dir(root())
         .output()
         .expect("run qemu-run.sh");
     assert!(out.status.success(), "building the {arch} kernel failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    done.push(arch.to_string());
+    done.push(key);
 }
 
 /// Compile `tests/dts/NAME.dts` with dtc into target/dtb/NAME.dtb.
@@ -103,7 +106,11 @@ pub fn tail(s: &str, lines: usize) -> String {
 /// Boot `arch` with qemu-run.sh options `opts` (after `--no-build`); `name` identifies the
 /// configuration in failures.
 pub fn boot(name: &str, arch: &str, opts: &[&str]) -> Boot {
-    build(arch);
+    let variant: Vec<&str> = match opts.iter().position(|o| *o == "--early-uart") {
+        Some(i) => opts[i..(i + 2).min(opts.len())].to_vec(),
+        None => Vec::new(),
+    };
+    build(arch, &variant);
     let log_path = std::env::temp_dir().join(format!("dmakern-{}-{}.log", std::process::id(), sanitize(name)));
     let out = Command::new(root().join("qemu-run.sh"))
         .args(["--no-build", "--arch", arch, "--timeout", "90", "--log"])

@@ -13,13 +13,17 @@ pub const KERNEL_TABLES: PageTableConfig = PageTableConfig::AARCH64_48;
 /// Program MAIR, TCR and TTBR0 (root, asid) and turn on the MMU and both caches.
 ///
 /// # Safety
-/// The MMU must be off. `root` must identity-map the code, stack, and data in use, and the range
-/// `image` (the kernel image) is invalidated from the data cache first, so it must hold no dirty
-/// data that matters (true with the caches off: every store so far went to memory).
-pub unsafe fn enable(root: PhysAddr, asid: u16, image: (usize, usize)) {
+/// The MMU must be off. `root` must identity-map the code, stack, and data in use. The ranges
+/// `written_uncached` (everything stored to with the caches off that is read later: the image's
+/// data and bss, the boot stack, the early tables) are invalidated from the data cache first, so
+/// that lines the loader left there cannot shadow those stores; they must hold no dirty data that
+/// matters (true with the caches off: every store so far went to memory).
+pub unsafe fn enable(root: PhysAddr, asid: u16, written_uncached: &[(usize, usize)]) {
     // Lines the loader may have left in the caches for our image would shadow what we wrote with
     // the caches off, once they are on.
-    cache::invalidate(image.0, image.1 - image.0);
+    for &(start, end) in written_uncached {
+        cache::invalidate(start, end.saturating_sub(start));
+    }
     MAIR_EL1.set(MAIR_VALUE);
     let pa_range = ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange).min(5);
     TCR_EL1.write(

@@ -46,3 +46,10 @@ pub fn wait_forever() -> ! {
         unsafe { core::arch::asm!("cpsid aif", "wfe", options(nomem, nostack)) };
     }
 }
+
+/// Execute a permanently undefined instruction (`udf #0`), for the crash-report tests.
+pub fn undefined_instruction() {
+    // SAFETY: raises an undefined-instruction exception, which the handler reports; never returns
+    // normally.
+    unsafe { core::arch::asm!("udf #0", options(nomem, nostack)) };
+}

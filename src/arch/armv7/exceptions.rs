@@ -1,6 +1,7 @@
 //! Exception handling. The vector table (boot/armv7.s) saves a `TrapFrame` on the exception mode's
-//! stack and calls `dmakern_exception`. Nothing is expected yet except the semihosting probe;
-//! everything else is reported with its decoded fault status and ends the run with a non-zero status.
+//! stack and calls `dmakern_exception`. Nothing is expected except the semihosting probe and the
+//! faults of `probe`'s accesses; everything else is reported with its decoded fault status and ends
+//! the run with a non-zero status.
 //!
 //! Stacks: SVC exceptions use the interrupted SVC stack (the kernel runs in SVC mode, and pushing
 //! below its stack pointer preserves it); aborts, undefined instructions, IRQ and FIQ each have a
@@ -14,6 +15,7 @@ use core::fmt;
 /// Register state saved by the vector stubs; the layout is fixed by `exception_common`.
 #[repr(C)]
 pub struct TrapFrame {
+    /// r0-r12 (for an FIQ, r8-r12 are the FIQ mode's banked registers).
     pub r: [u32; 13],
     /// sp and lr of the interrupted mode. When that mode is the exception's own (an SVC taken in
     /// SVC mode), lr is the exception's return address: the interrupted lr was overwritten. Zero
@@ -106,10 +108,14 @@ impl fmt::Display for FaultKind {
             FaultKind::Alignment => "alignment fault",
             FaultKind::Debug => "debug event",
             FaultKind::SyncExternal => "synchronous external abort",
-            FaultKind::SyncExternalOnWalk => "synchronous external abort on a translation table walk",
+            FaultKind::SyncExternalOnWalk => {
+                "synchronous external abort on a translation table walk"
+            }
             FaultKind::AsyncExternal => "asynchronous external abort",
             FaultKind::SyncParity => "synchronous parity/ECC error",
-            FaultKind::SyncParityOnWalk => "synchronous parity/ECC error on a translation table walk",
+            FaultKind::SyncParityOnWalk => {
+                "synchronous parity/ECC error on a translation table walk"
+            }
             FaultKind::AsyncParity => "asynchronous parity/ECC error",
             FaultKind::TlbConflict => "TLB conflict abort",
             FaultKind::IcacheMaintenance => "fault on instruction cache maintenance",

@@ -33,10 +33,12 @@ fn ttbr0(root: PhysAddr, asid: u16) -> u64 {
 /// The MMU must be off. `root` must identity-map the code, stack, and data in use, and the range
 /// `image` (the kernel image) is invalidated from the data cache first, so it must hold no dirty
 /// data that matters (true with the caches off: every store so far went to memory).
-pub unsafe fn enable(root: PhysAddr, asid: u16, image: (usize, usize)) {
+pub unsafe fn enable(root: PhysAddr, asid: u16, written_uncached: &[(usize, usize)]) {
     // Lines the loader may have left in the caches for our image would shadow what we wrote with
     // the caches off, once they are on.
-    cache::invalidate(image.0, image.1.saturating_sub(image.0));
+    for &(start, end) in written_uncached {
+        cache::invalidate(start, end.saturating_sub(start));
+    }
     let ttbr = ttbr0(root, asid);
     // SAFETY: the MMU is off, so the new regime takes effect only with SCTLR.M below; MAIR0 holds
     // attribute indices 0-3 and MAIR1 4-7 of the shared MAIR value.
@@ -118,7 +120,9 @@ impl TlbOps for CpuTlb {
         let granule = inv.granule.max(1);
         if inv.size / granule > FULL_FLUSH_PAGES {
             // SAFETY: as above (TLBIALLIS; the register value is ignored).
-            unsafe { core::arch::asm!("mcr p15, 0, {}, c8, c3, 0", in(reg) 0u32, options(nostack)) };
+            unsafe {
+                core::arch::asm!("mcr p15, 0, {}, c8, c3, 0", in(reg) 0u32, options(nostack))
+            };
             return;
         }
         let end = inv.va.saturating_add(inv.size);
