@@ -72,7 +72,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Bootargs this kernel understands; others are reported and ignored.
-pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash"];
+pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench"];
 
 /// The kernel heap's size: bookkeeping only (DMA buffers never come from it).
 const HEAP_SIZE: u64 = 4 << 20;
@@ -273,15 +273,25 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
     if let Err(e) = unsafe { kmap::build(&memmap, &image) } {
         boot_error(format_args!("kernel page tables: {e}"));
     }
-    let heap = match memmap.alloc_early(HEAP_SIZE, PAGE_SIZE, None, ReservationKind::Heap, "kernel heap") {
+    let heap = match memmap.alloc_early(HEAP_SIZE, PAGE_SIZE, cpu_addressable_limit(), ReservationKind::Heap, "kernel heap") {
         Ok(h) => h,
         Err(e) => boot_error(format_args!("kernel heap: {e}")),
     };
     // SAFETY: just reserved in the memory map for the heap alone, and mapped by the linear map.
     unsafe { crate::mm::heap::init(heap.0 as usize, HEAP_SIZE as usize) };
 
+    // CMA areas first (recorded in the memory map), then the page allocator over what is left.
+    crate::mm::cma::setup::init(&dt, &bootargs, &mut memmap);
+    match crate::mm::phys::init(&mut memmap) {
+        Ok(summary) => println!("{summary}"),
+        Err(e) => boot_error(format_args!("page allocator: {e}")),
+    }
+
     println!("memory map:");
     let _ = memmap.write_to(&mut ConsoleWriter);
+    if bootargs.has("cma.report") {
+        crate::mm::cma::setup::print_report("");
+    }
 
     match dt.psci() {
         Ok(Some(psci)) => {
@@ -311,6 +321,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         let freq = arch::counter::frequency().max(1);
         let ns = (ticks as u128 * 1_000_000_000 / freq as u128) as u64;
         println!("# boot: {ns} ns of virtual time from reset to this header (counter {ticks} at {freq} Hz; under --icount, instructions)");
+        crate::bench::run_selected(info.bootargs.get("bench"));
     });
     println!("dmakern: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.skipped);
     exit(if totals.failed == 0 { exit_code::SUCCESS } else { exit_code::TESTS_FAILED })
@@ -333,6 +344,12 @@ fn crash(how: &str) {
     };
 }
 
+/// The end of what the CPU can address through the identity map: 4 GiB on armv7 (32-bit virtual
+/// addresses), no limit on aarch64. Boot allocations the CPU touches stay below it.
+pub fn cpu_addressable_limit() -> Option<u64> {
+    (usize::MAX as u64).checked_add(1)
+}
+
 /// Bytes of the image file (up to the end of initialised data).
 fn image_file_size() -> usize {
     extern "C" {
@@ -349,4 +366,72 @@ impl fmt::Write for ConsoleWriter {
         crate::print!("{s}");
         Ok(())
     }
+}
+
+/// The boot memory map against the device tree it was built from, read again independently.
+mod ktests {
+    use super::boot_info;
+    use crate::ktest::TestResult;
+    use crate::mm::memmap::Region;
+    use crate::{kassert, kassert_eq, ktry};
+    use alloc::vec::Vec;
+
+    /// Every region the DT, the loader and the linker say is taken: /memreserve/ entries,
+    /// /reserved-memory regs, the DTB and the kernel image.
+    fn taken() -> Result<Vec<(Region, &'static str)>, crate::dt::DtError> {
+        let info = boot_info();
+        let mut v = Vec::new();
+        for r in info.dt.mem_reserve() {
+            v.push((r?, "/memreserve/"));
+        }
+        for rm in info.dt.reserved_memory()? {
+            let rm = rm?;
+            if rm.is_available() {
+                for r in rm.regs() {
+                    v.push((r?, "/reserved-memory"));
+                }
+            }
+        }
+        v.extend(info.dt.phys_region().map(|r| (r, "dtb")));
+        let img = info.image;
+        v.extend(Region::new(crate::mm::addr::PhysAddr(img.start), img.end - img.start).map(|r| (r, "kernel")));
+        Ok(v)
+    }
+
+    fn ram_matches_dt() -> TestResult {
+        let info = boot_info();
+        let mut total = 0u64;
+        for r in info.dt.memory() {
+            total += ktry!(r).size();
+        }
+        kassert!(total > 0, "the DT describes no RAM");
+        kassert_eq!(info.memmap.lock().total_ram(), total);
+        Ok(())
+    }
+
+    fn free_ranges_avoid_reservations() -> TestResult {
+        let taken = ktry!(taken());
+        kassert!(taken.len() >= 2, "expected at least the DTB and the kernel, got {taken:?}");
+        let map = boot_info().memmap.lock();
+        for free in map.free_ranges() {
+            for (r, what) in &taken {
+                kassert!(!free.overlaps(r), "free range {free} overlaps {what} {r}");
+            }
+        }
+        Ok(())
+    }
+
+    fn free_ranges_inside_ram() -> TestResult {
+        let map = boot_info().memmap.lock();
+        let mut free_total = 0;
+        for free in map.free_ranges() {
+            kassert!(map.ram().iter().any(|bank| bank.contains(&free)), "free range {free} is not inside one RAM bank");
+            free_total += free.size();
+        }
+        kassert_eq!(free_total, map.total_free());
+        kassert!(free_total < map.total_ram(), "nothing reserved at all");
+        Ok(())
+    }
+
+    crate::ktest_suite!("memmap", [ram_matches_dt, free_ranges_avoid_reservations, free_ranges_inside_ram]);
 }

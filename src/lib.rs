@@ -11,11 +11,14 @@
 extern crate alloc;
 
 pub mod bootargs;
+pub mod dma;
 pub mod dt;
 pub mod mm;
 
 #[cfg(target_os = "none")]
 pub mod arch;
+#[cfg(target_os = "none")]
+pub mod bench;
 #[cfg(target_os = "none")]
 pub mod console;
 #[cfg(target_os = "none")]

@@ -5,6 +5,7 @@ pub mod addr;
 pub mod buddy;
 pub mod cma;
 pub mod memmap;
+pub mod phys;
 pub mod pgtable;
 
 #[cfg(target_os = "none")]

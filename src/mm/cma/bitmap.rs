@@ -150,10 +150,23 @@ pub(super) fn find_zero_run(
 ) -> Option<u64> {
     if len <= step && step <= 64 {
         find_in_lanes(words, nbits, from, cand_end, len, step, offset)
+    } else if step.is_multiple_of(64) && offset.is_multiple_of(64) {
+        find_word_aligned(words, nbits, from, cand_end, len, step, offset)
     } else {
         find_by_skipping(words, nbits, from, cand_end, len, step, offset)
     }
 }
+
+/// For lane widths 2^k (k = 0 ..= 6): the word with bit 0 of every lane set.
+const LANE_STARTS: [u64; 7] = [
+    !0,
+    0x5555_5555_5555_5555,
+    0x1111_1111_1111_1111,
+    0x0101_0101_0101_0101,
+    0x0001_0001_0001_0001,
+    0x0000_0001_0000_0001,
+    1,
+];
 
 /// `find_zero_run` for `len <= step <= 64`, which is what size-aligned requests up to 64 bits
 /// are. As `step` divides 64, every 64-bit chunk starting at `offset + 64 k` holds `64 / step`
@@ -172,8 +185,10 @@ fn find_in_lanes(
     offset: u64,
 ) -> Option<u64> {
     let low_bits = |n: u64| if n == 64 { !0 } else { (1u64 << n) - 1 };
-    // Bit 0 of every lane; the lanes do not overlap, so the products below cannot overflow.
-    let lanes = u64::MAX / low_bits(step);
+    // Bit 0 of every lane (u64::MAX / low_bits(step), from a table: a 64-bit division is a
+    // library call on 32-bit Arm). The lanes do not overlap, so the products below cannot
+    // overflow.
+    let lanes = LANE_STARTS[step.trailing_zeros() as usize];
     let window = lanes * low_bits(len);
     let below_top = lanes * low_bits(step - 1);
     let top = lanes << (step - 1);
@@ -209,6 +224,40 @@ fn chunk_at(words: &[u64], nbits: u64, q: u64) -> u64 {
         v |= !0u64 << (nbits - q);
     }
     v
+}
+
+/// `find_zero_run` for candidates on word boundaries (`step` and `offset` multiples of 64, `len`
+/// above 64 or above `step`): what large size-aligned requests are. A candidate's run is some whole
+/// words plus the low bits of one more, so it is checked a word at a time, last word first; a busy
+/// word moves the search to the first candidate after it. In a fragmented bitmap a candidate
+/// usually fails on its first word read.
+fn find_word_aligned(
+    words: &[u64],
+    nbits: u64,
+    from: u64,
+    cand_end: u64,
+    len: u64,
+    step: u64,
+    offset: u64,
+) -> Option<u64> {
+    // Word counts fit in usize: the bitmap is in memory.
+    let full = (len / 64) as usize;
+    let tail_mask = (1u64 << (len % 64)) - 1;
+    let mut b = next_candidate(from, step, offset);
+    while b < cand_end {
+        b.checked_add(len).filter(|&e| e <= nbits)?;
+        let first = (b / 64) as usize;
+        let busy = if words.get(first + full).is_some_and(|&w| w & tail_mask != 0) {
+            Some(first + full)
+        } else {
+            (first..first + full).rev().find(|&w| words[w] != 0)
+        };
+        match busy {
+            None => return Some(b),
+            Some(w) => b = next_candidate((w as u64 + 1) * 64, step, offset),
+        }
+    }
+    None
 }
 
 /// `find_zero_run` for the other cases (long runs, or runs longer than their alignment). A
@@ -301,6 +350,17 @@ mod tests {
         assert_eq!(find_zero_run(&w, n, 0, n, 8, 8, 0), Some(120));
         assert_eq!(find_zero_run(&w, n - 1, 0, n - 1, 8, 8, 0), None);
         assert_eq!(find_zero_run(&w, n, 0, n, 64, 64, 0), None);
+
+        // Word-aligned candidates: a busy bit in a window's last word or its tail moves the search
+        // to the next candidate after that word.
+        // Bits 150 and 300 set, 640 bits.
+        let (w, n) = bits_of(&format!("{}1{}1{}", "0".repeat(150), "0".repeat(149), "0".repeat(339)));
+        assert_eq!(find_zero_run(&w, n, 0, n, 200, 128, 0), Some(384));
+        assert_eq!(find_zero_run(&w, n, 0, n, 200, 256, 0), None);
+        assert_eq!(find_zero_run(&w, n, 0, n, 64, 128, 0), Some(0));
+        assert_eq!(find_zero_run(&w, n, 1, n, 64, 128, 0), Some(384));
+        assert_eq!(find_zero_run(&w, n, 0, n, 160, 64, 0), Some(320));
+        assert_eq!(find_zero_run(&w, n, 0, 320, 160, 64, 0), None);
     }
 
     proptest! {
@@ -335,6 +395,29 @@ mod tests {
                 longest = longest.max(cur);
             }
             prop_assert_eq!(longest_zero_run(&w, n), longest);
+        }
+
+        /// Word-aligned candidates (steps of 64 to 1024 bits, offsets on word boundaries, runs of
+        /// up to 11 words) against the naive search.
+        #[test]
+        fn word_aligned_search_matches_naive(
+            runs in proptest::collection::vec((1usize..300, any::<bool>()), 1..24),
+            from in 0u64..3000, len in 1u64..700, step_log in 6u32..11, off_words in 0u64..16,
+        ) {
+            let pattern: Vec<bool> = runs.iter().flat_map(|&(n, b)| std::iter::repeat_n(b, n)).collect();
+            let n = pattern.len() as u64;
+            let mut w = vec![0u64; pattern.len().div_ceil(64)];
+            for (i, &b) in pattern.iter().enumerate() {
+                if b { w[i / 64] |= 1 << (i % 64); }
+            }
+            let step = 1u64 << step_log;
+            let off = off_words * 64 % step;
+            let naive = (from..n)
+                .filter(|b| b % step == off)
+                .find(|&b| b + len <= n && (b..b + len).all(|i| !pattern[i as usize]));
+            prop_assert_eq!(find_zero_run(&w, n, from, n, len, step, off), naive);
+            let cand_end = from + (n - from.min(n)) / 2;
+            prop_assert_eq!(find_zero_run(&w, n, from, cand_end, len, step, off), naive.filter(|&b| b < cand_end));
         }
     }
 }

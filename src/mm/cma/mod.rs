@@ -12,6 +12,8 @@
 //! - [`placement`]: where a dynamically sized area goes in RAM (top-down below a limit, avoiding
 //!   reservations, inside one bank), the minimum alignment and the default size.
 //! - [`cmdline`]: the `cma=size[@start[-end]]` boot argument.
+//! - [`setup`]: the areas of the running system, from the device tree and `cma=`, and which
+//!   devices own one; in the kernel, the registry that keeps them.
 //!
 //! [`cma_alloc`] and [`cma_release`] are the Linux-shaped entry points.
 
@@ -19,6 +21,10 @@ pub mod area;
 mod bitmap;
 pub mod cmdline;
 pub mod placement;
+pub mod setup;
+
+#[cfg(target_os = "none")]
+mod ktests;
 
 pub use area::{AreaName, CmaArea, CmaAreaError, CmaReleaseError, CmaStats};
 pub use cmdline::{parse_cma, CmaCmdline, CmaCmdlineError};

@@ -1,0 +1,124 @@
+//! Benchmarks, run at boot when the bootarg `bench=GLOB[,GLOB...]` selects them by name (none run
+//! by default).
+//!
+//! Time is virtual: under `./qemu-run.sh --icount` QEMU advances the generic timer by one
+//! nanosecond per guest instruction, so nanoseconds here are instruction counts, the same on every
+//! host. (Without `--icount` the numbers are host-dependent wall-clock time.) Each operation is
+//! timed on its own between two counter reads; the cost of the reads themselves, measured with
+//! back-to-back reads, is subtracted.
+//!
+//! Registration is a static list ([`BENCHES`]): the linker scripts collect only `.ktest_suites`.
+//! The kernel runs the selected benchmarks right after the KTAP plan (the test runner's header
+//! hook), and each prints its results there as `# bench <name> <metric>=<value> <unit>`, the form
+//! the host-side KTAP reader collects, plus `# <name>: ...` notes on the conditions.
+
+mod cma;
+
+use core::fmt;
+
+use crate::arch::counter;
+use crate::bootargs::glob_match_any;
+use crate::println;
+
+/// A benchmark: a name for `bench=` and a function that measures and reports.
+pub struct Bench {
+    pub name: &'static str,
+    pub run: fn(&Recorder),
+}
+
+/// Every benchmark, in the order they run.
+pub static BENCHES: &[Bench] = &[
+    Bench { name: "cma_alloc_release_16", run: cma::alloc_release_16 },
+    Bench { name: "cma_alloc_release_256", run: cma::alloc_release_256 },
+    Bench { name: "cma_alloc_release_256_fragmented", run: cma::alloc_release_256_fragmented },
+];
+
+/// Runs the benchmarks whose name matches one of the comma-separated globs in `selection`
+/// (the `bench` bootarg's value); nothing when it is `None`.
+pub fn run_selected(selection: Option<&str>) {
+    let Some(globs) = selection else { return };
+    let mut ran = 0;
+    for b in BENCHES.iter().filter(|b| glob_match_any(globs, b.name)) {
+        (b.run)(&Recorder { name: b.name });
+        ran += 1;
+    }
+    if ran == 0 {
+        println!("# bench=`{globs}` selects no benchmark");
+    }
+}
+
+/// Prints one benchmark's results and notes.
+pub struct Recorder {
+    name: &'static str,
+}
+
+impl Recorder {
+    /// `# bench <name> <metric>=<value> <unit>`.
+    pub fn result(&self, metric: &str, value: u64, unit: &str) {
+        println!("# bench {} {metric}={value} {unit}", self.name);
+    }
+
+    /// `# <name>: <text>`: the conditions of the measurement.
+    pub fn note(&self, text: fmt::Arguments) {
+        println!("# {}: {text}", self.name);
+    }
+}
+
+/// Runs `op` between two counter reads; returns its result and the ticks between the reads.
+#[inline(always)]
+pub fn timed<T>(op: impl FnOnce() -> T) -> (T, u64) {
+    let t0 = counter::read();
+    let r = op();
+    let t1 = counter::read();
+    (r, t1.wrapping_sub(t0))
+}
+
+/// Durations of one kind of operation, in counter ticks (from [`timed`]).
+#[derive(Default)]
+pub struct Samples {
+    count: u64,
+    ticks: u64,
+    max_ticks: u64,
+}
+
+impl Samples {
+    pub fn record(&mut self, ticks: u64) {
+        self.count += 1;
+        self.ticks = self.ticks.saturating_add(ticks);
+        self.max_ticks = self.max_ticks.max(ticks);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Mean duration in picoseconds (0 without samples).
+    fn mean_ps(&self) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        u64::try_from(ticks_to_ps(self.ticks) / u128::from(self.count)).unwrap_or(u64::MAX)
+    }
+}
+
+/// Converts counter ticks to picoseconds, in 128 bits so that no input overflows.
+fn ticks_to_ps(ticks: u64) -> u128 {
+    u128::from(ticks) * 1_000_000_000_000 / u128::from(counter::frequency().max(1))
+}
+
+/// The cost of the two counter reads around an operation: the mean of `n` empty measurements.
+pub fn read_overhead(n: u64) -> Samples {
+    let mut s = Samples::default();
+    for _ in 0..n {
+        s.record(timed(|| ()).1);
+    }
+    s
+}
+
+/// Mean and maximum of `samples` in nanoseconds, minus the mean of `overhead`.
+pub fn net_ns(samples: &Samples, overhead: &Samples) -> (u64, u64) {
+    let ovh = overhead.mean_ps();
+    let mean = samples.mean_ps().saturating_sub(ovh) / 1000;
+    let max = u64::try_from(ticks_to_ps(samples.max_ticks)).unwrap_or(u64::MAX).saturating_sub(ovh) / 1000;
+    (mean, max)
+}
