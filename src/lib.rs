@@ -12,6 +12,7 @@ extern crate alloc;
 
 pub mod bootargs;
 pub mod dma;
+pub mod drivers;
 pub mod dt;
 pub mod mm;
 
@@ -21,8 +22,6 @@ pub mod arch;
 pub mod bench;
 #[cfg(target_os = "none")]
 pub mod console;
-#[cfg(target_os = "none")]
-pub mod drivers;
 #[cfg(target_os = "none")]
 pub mod kernel;
 pub mod ktest;
