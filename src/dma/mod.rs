@@ -3,7 +3,10 @@
 //! with later issues and grow [`Device`] into the full DMA device model (masks, `dma-ranges`,
 //! coherence, an ops table).
 
+pub mod busmap;
 pub mod contiguous;
+pub mod maint;
+pub mod swiotlb;
 
 use core::fmt;
 use core::ops::BitOr;
