@@ -3,18 +3,33 @@
 //!
 //! # Design
 //!
-//! The free blocks of each order live in a *bit tree*: a bitmap with one bit per naturally aligned
-//! block of that order (set = the block is free) plus summary levels in which a bit says "this
-//! 64-bit word of the level below is non-zero". Finding the highest free block below an index, or
-//! the lowest one at or after an index, walks up and down the tree: O(log64 n) word reads. A further
-//! bit tree with one bit per page marks the *holes* (pages that were never handed to the allocator:
-//! gaps between RAM banks, reserved regions, the kernel image), so a free of memory the allocator
-//! does not own is refused instead of silently adding it to the pool.
+//! The allocator keeps two *block sets*, each a set of naturally aligned blocks of orders
+//! 0 ..= [`MAX_PAGE_ORDER`] kept in canonical form: a block is never in the set together with its
+//! buddy, since two buddies merge into their parent.
+//! - The *free set*: the free blocks, as in every buddy allocator.
+//! - The *managed set*: the pages handed over with [`BuddyAllocator::add_free_range`], whatever
+//!   their state. Everything else in the span is a hole (a gap between RAM banks, a reserved
+//!   region, the kernel image), so a free of memory the allocator does not own is refused instead
+//!   of silently adding it to the pool. Being canonical, the set holds any fully managed aligned
+//!   block inside a single one of its blocks, so "is this block managed" is one lookup per order.
+//!
+//! The blocks of each order of a set live in a *bit tree*: a bitmap with one bit per block of that
+//! order (set = in the set) plus summary levels in which a bit says "this 64-bit word of the level
+//! below is non-zero". Finding the highest set bit below an index, or the lowest one at or after an
+//! index, walks up and down the tree: O(log64 n) word reads.
+//!
+//! The trees are initialised lazily: set-up writes only the single top word of each tree. A word
+//! below the top is *live* when its summary bit one level up is set (in a live word); a word that
+//! is not live is logically zero, whatever the memory holds. Lookups therefore start at the top,
+//! and setting a bit in a word that is not live overwrites the word instead of OR-ing into it.
+//! Neither set-up nor adding a range ever loops over pages, or over the words of a bitmap.
 //!
 //! All state lives in a metadata slice given by the caller (sized with [`metadata_words`]), never in
 //! the managed pages: the allocator works on the host with made-up physical addresses, and in the
-//! kernel it never writes to memory it has not handed out. The metadata costs about three bits per
-//! page of the span (one for order 0, one for all higher orders together, one for the holes).
+//! kernel it never writes to memory it has not handed out. The metadata costs about four bits per
+//! page of the span (per set, one for order 0 and one for all higher orders together); only the
+//! words in use are ever written. It starts with a small table of where each tree's levels are,
+//! which keeps the allocator value itself small and cheap to move.
 //!
 //! Blocks are aligned to their size in *physical* address space: the index space starts at the span
 //! base rounded down to a [`MAX_PAGE_ORDER`] block, so a 2 MiB block is 2 MiB aligned and can be
@@ -31,9 +46,10 @@
 //!
 //! # Costs
 //!
-//! `alloc`, `free` and the `*_pages` variants are O(MAX_PAGE_ORDER · log64 n). Set-up zeroes the
-//! metadata (one store per 64 pages) and [`BuddyAllocator::add_free_range`] clears the range's hole
-//! bits a word at a time and inserts it as maximal aligned blocks: there is no loop over pages.
+//! With L = log64 of the span in pages (3 for 1 GiB of 4 KiB pages): `alloc` and `free` are
+//! O(MAX_PAGE_ORDER · L); the `*_pages` variants and [`BuddyAllocator::add_free_range`] are that
+//! per maximal aligned block of the range (at most 2 · MAX_PAGE_ORDER, plus one per 1 GiB).
+//! [`BuddyAllocator::new`] is O(MAX_PAGE_ORDER · L), whatever the size of the span.
 //!
 //! The allocator is not thread-safe by itself (all mutators take `&mut self`); the kernel keeps it in
 //! a `spin::Mutex`.
@@ -54,8 +70,8 @@ const MAX_SPAN_PAGES: u64 = 1 << 40;
 /// Depth of a bit tree over at most `MAX_SPAN_PAGES` bits: ceil(40 / 6).
 const MAX_LEVELS: usize = 7;
 
-/// Position of the holes tree in `BuddyAllocator::trees`, after the per-order free sets.
-const HOLES: usize = NR_ORDERS;
+/// Each level of a bit tree has one bit per 64-bit word of the level below.
+const LEVEL_SHIFT: usize = 6;
 
 /// Pages in a block of `order`.
 const fn block_pages(order: u32) -> u64 {
@@ -230,74 +246,125 @@ impl fmt::Display for BuddyStats {
     }
 }
 
-/// Where the levels of one bit tree sit in the metadata slice. Level 0 holds one bit per item; level
-/// l + 1 holds one bit per word of level l, set when that word is non-zero. The top level is a single
-/// word. Bits at level 0 at or beyond `bits` are never set.
-#[derive(Clone, Copy, Debug)]
-struct BitTree {
-    bits: u64,
-    levels: usize,
-    offset: [usize; MAX_LEVELS],
-    words: [usize; MAX_LEVELS],
+/// Words per order in the layout table at the start of the metadata: the number of levels of the
+/// order's trees, then the offset of each level (bottom first) in a block set's metadata.
+const ROW_WORDS: usize = MAX_LEVELS + 1;
+
+/// Words of the layout table.
+const TABLE_WORDS: usize = NR_ORDERS * ROW_WORDS;
+
+/// Lays out a bit tree of `bits` bits (at most `MAX_SPAN_PAGES`) from word `*next` on, and
+/// advances `*next` past it; `level(l, offset)` learns where each level starts. Level 0 holds one
+/// bit per block, level l + 1 one bit per word of level l, up to a single top word. Returns the
+/// number of levels, `None` if a word count does not fit in `usize`.
+fn lay_out_tree(bits: u64, next: &mut usize, mut level: impl FnMut(usize, usize)) -> Option<usize> {
+    let mut levels = 0;
+    let mut n = bits;
+    loop {
+        let words = n.div_ceil(64).max(1);
+        level(levels, *next);
+        *next = next.checked_add(usize::try_from(words).ok()?)?;
+        levels += 1;
+        if words == 1 {
+            return Some(levels);
+        }
+        n = words;
+    }
 }
 
-impl BitTree {
-    /// Lays out a tree of `bits` bits starting at word `*next`, and advances `*next` past it.
-    /// `bits` must be at most `MAX_SPAN_PAGES`; `None` if a word count does not fit in `usize`.
-    fn layout(bits: u64, next: &mut usize) -> Option<BitTree> {
-        let mut tree = BitTree {
-            bits,
-            levels: 0,
-            offset: [0; MAX_LEVELS],
-            words: [0; MAX_LEVELS],
-        };
-        let mut n = bits;
-        loop {
-            let words = n.div_ceil(64).max(1);
-            let w = usize::try_from(words).ok()?;
-            tree.offset[tree.levels] = *next;
-            tree.words[tree.levels] = w;
-            *next = next.checked_add(w)?;
-            tree.levels += 1;
-            if words == 1 {
-                return Some(tree);
-            }
-            n = words;
-        }
+/// One bit tree of a block set (see `lay_out_tree`). A bit at level l + 1 is set when the word
+/// for it at level l is live and non-zero; the top word is always live. Bits at level 0 at or
+/// beyond `bits` are never set.
+#[derive(Clone, Copy)]
+struct BitTree<'t> {
+    bits: u64,
+    /// The tree's row of the layout table: the number of levels, then the offset of each level
+    /// in the set's metadata (written from `usize` values).
+    row: &'t [u64; ROW_WORDS],
+}
+
+impl BitTree<'_> {
+    #[inline(always)]
+    fn levels(&self) -> usize {
+        self.row[0] as usize
     }
 
-    fn word_index(&self, level: usize, bit: u64) -> usize {
-        // Every bit index handled at a level is below 64 * words[level], which fits in usize.
-        self.offset[level] + (bit / 64) as usize
+    #[inline(always)]
+    fn offset(&self, level: usize) -> usize {
+        self.row[1 + level] as usize
     }
 
+    /// Empties the tree: every word below the top stops being live.
+    fn init(&self, m: &mut [u64]) {
+        m[self.offset(self.levels() - 1)] = 0;
+    }
+
+    /// The metadata word and the mask of the bit that stands for item `i` at `level`.
+    #[inline(always)]
+    fn locate(&self, level: usize, i: u64) -> (usize, u64) {
+        let bit = i >> (LEVEL_SHIFT * level);
+        // Every bit index at a level is below 64 times its word count, which fits in usize.
+        (self.offset(level) + (bit / 64) as usize, 1 << (bit % 64))
+    }
+
+    /// Whether the bit for item `i` at `level` is set, its word being live.
+    #[inline(always)]
+    fn bit_at(&self, m: &[u64], level: usize, i: u64) -> bool {
+        let (w, mask) = self.locate(level, i);
+        m[w] & mask != 0
+    }
+
+    /// Whether bit `i` is set: the bits for it at every level, from the top down, are set.
     fn get(&self, m: &[u64], i: u64) -> bool {
-        i < self.bits && m[self.word_index(0, i)] & (1 << (i % 64)) != 0
+        if i >= self.bits {
+            return false;
+        }
+        let mut level = self.levels();
+        while level > 0 {
+            level -= 1;
+            if !self.bit_at(m, level, i) {
+                return false;
+            }
+        }
+        true
     }
 
-    /// Sets bit `i` (< bits), marking the summary bits of words that become non-zero.
-    fn set(&self, m: &mut [u64], mut i: u64) {
-        for level in 0..self.levels {
-            let w = &mut m[self.word_index(level, i)];
-            let was_empty = *w == 0;
-            *w |= 1 << (i % 64);
-            if !was_empty {
-                return;
+    /// Sets bit `i` (< bits) and the summary bits above it. Below the first level where the bit
+    /// was clear the words were not live: they are written whole.
+    fn set(&self, m: &mut [u64], i: u64) {
+        let mut live = true;
+        for level in (0..self.levels()).rev() {
+            let (w, mask) = self.locate(level, i);
+            if live {
+                live = m[w] & mask != 0;
+                m[w] |= mask;
+            } else {
+                m[w] = mask;
             }
-            i /= 64;
         }
     }
 
-    /// Clears bit `i` (< bits), clearing the summary bits of words that become zero.
-    fn clear(&self, m: &mut [u64], mut i: u64) {
-        for level in 0..self.levels {
-            let w = &mut m[self.word_index(level, i)];
-            *w &= !(1 << (i % 64));
-            if *w != 0 {
+    /// Clears bit `i`, which must be set (so every word on its path is live), and the summary bits
+    /// of the words that become zero.
+    fn clear(&self, m: &mut [u64], i: u64) {
+        debug_assert!(self.get(m, i), "clearing bit {i}, which is not set");
+        for level in 0..self.levels() {
+            let (w, mask) = self.locate(level, i);
+            m[w] &= !mask;
+            if m[w] != 0 {
                 return;
             }
-            i /= 64;
         }
+    }
+
+    /// The lowest level whose word on the path of item `i` is live. Above level 0, the bit for `i`
+    /// at that level is clear, as the word below it is not live.
+    fn lowest_live_level(&self, m: &[u64], i: u64) -> usize {
+        let mut level = self.levels() - 1;
+        while level > 0 && self.bit_at(m, level, i) {
+            level -= 1;
+        }
+        level
     }
 
     /// Lowest set bit at or after `start`.
@@ -305,117 +372,144 @@ impl BitTree {
         if start >= self.bits {
             return None;
         }
-        let mut idx = start;
-        let mut level = 0;
+        // Search the live words on the path of `start`, from the lowest one up, for a set bit
+        // after the path; then go down through set bits, which lead to live words only.
+        let mut level = self.lowest_live_level(m, start);
+        let mut idx = start >> (LEVEL_SHIFT * level);
+        let mut mask = !0u64 << (idx % 64);
         loop {
-            let wi = idx / 64;
-            if wi >= self.words[level] as u64 {
-                return None;
-            }
-            let w = m[self.offset[level] + wi as usize] & (!0u64 << (idx % 64));
+            let w = m[self.offset(level) + (idx / 64) as usize] & mask;
             if w != 0 {
-                let mut bit = wi * 64 + u64::from(w.trailing_zeros());
+                let mut bit = idx / 64 * 64 + u64::from(w.trailing_zeros());
                 while level > 0 {
                     level -= 1;
-                    let child = m[self.word_index(level, bit * 64)];
+                    let child = m[self.offset(level) + bit as usize];
                     bit = bit * 64 + u64::from(child.trailing_zeros());
                 }
                 return Some(bit);
             }
             level += 1;
-            if level == self.levels {
+            if level == self.levels() {
                 return None;
             }
-            idx = wi + 1;
+            idx /= 64;
+            // Bits strictly after the path's bit.
+            mask = (!0u64 << (idx % 64)) << 1;
         }
     }
 
     /// Highest set bit strictly below `end`.
     fn last_before(&self, m: &[u64], end: u64) -> Option<u64> {
-        let mut idx = end.min(self.bits);
-        let mut level = 0;
+        let last = end.min(self.bits).checked_sub(1)?;
+        let mut level = self.lowest_live_level(m, last);
+        let mut idx = last >> (LEVEL_SHIFT * level);
+        let mut mask = !0u64 >> (63 - idx % 64);
         loop {
-            if idx == 0 {
-                return None;
-            }
-            let i = idx - 1;
-            let wi = i / 64;
-            let w = m[self.offset[level] + wi as usize] & (!0u64 >> (63 - i % 64));
+            let w = m[self.offset(level) + (idx / 64) as usize] & mask;
             if w != 0 {
-                let mut bit = wi * 64 + u64::from(63 - w.leading_zeros());
+                let mut bit = idx / 64 * 64 + u64::from(63 - w.leading_zeros());
                 while level > 0 {
                     level -= 1;
-                    let child = m[self.word_index(level, bit * 64)];
+                    let child = m[self.offset(level) + bit as usize];
                     bit = bit * 64 + u64::from(63 - child.leading_zeros());
                 }
                 return Some(bit);
             }
             level += 1;
-            if level == self.levels {
+            if level == self.levels() {
                 return None;
             }
-            idx = wi;
+            idx /= 64;
+            // Bits strictly before the path's bit.
+            mask = (1u64 << (idx % 64)) - 1;
         }
     }
 
-    /// Whether any bit in [start, end) is set.
+    /// Whether any bit in [start, end) is set (start < end).
     fn any_in(&self, m: &[u64], start: u64, end: u64) -> bool {
+        if end - start == 1 {
+            // The common case of a block of at most this order: a lookup is cheaper than a search.
+            return self.get(m, start);
+        }
         self.first_at_or_after(m, start).is_some_and(|b| b < end)
-    }
-
-    /// Whether every bit in [start, end) (within `bits`) is set. One read per word of the range.
-    fn all_in(&self, m: &[u64], start: u64, end: u64) -> bool {
-        let mut i = start;
-        while i < end {
-            let stop = end.min((i / 64 + 1) * 64);
-            let mask = run_mask(i % 64, stop - i);
-            if m[self.word_index(0, i)] & mask != mask {
-                return false;
-            }
-            i = stop;
-        }
-        true
-    }
-
-    /// Sets or clears every bit in [start, end) (within `bits`), then recomputes the summary bits
-    /// of the touched words. One write per word of the range at level 0, fewer above.
-    fn assign_range(&self, m: &mut [u64], start: u64, end: u64, value: bool) {
-        if start >= end {
-            return;
-        }
-        let mut i = start;
-        while i < end {
-            let stop = end.min((i / 64 + 1) * 64);
-            let mask = run_mask(i % 64, stop - i);
-            let w = &mut m[self.word_index(0, i)];
-            if value {
-                *w |= mask;
-            } else {
-                *w &= !mask;
-            }
-            i = stop;
-        }
-        // Words [lo, hi] of level - 1 changed; their summary bits are bits [lo, hi] of `level`.
-        let (mut lo, mut hi) = (start / 64, (end - 1) / 64);
-        for level in 1..self.levels {
-            for child in lo..=hi {
-                let non_empty = m[self.word_index(level - 1, child * 64)] != 0;
-                let w = &mut m[self.word_index(level, child)];
-                if non_empty {
-                    *w |= 1 << (child % 64);
-                } else {
-                    *w &= !(1 << (child % 64));
-                }
-            }
-            lo /= 64;
-            hi /= 64;
-        }
     }
 }
 
-/// Mask of `len` bits (1 ..= 64) starting at bit `shift`, with shift + len <= 64.
-fn run_mask(shift: u64, len: u64) -> u64 {
-    (!0u64 >> (64 - len)) << shift
+/// The bit trees of a block set, one per order, read from the layout table. The free set and the
+/// managed set have the same layout, each in its own metadata slice.
+#[derive(Clone, Copy)]
+struct BlockTrees<'t> {
+    table: &'t [[u64; ROW_WORDS]; NR_ORDERS],
+    /// End of the index space in pages.
+    end: u64,
+}
+
+impl<'t> BlockTrees<'t> {
+    #[inline(always)]
+    fn order(&self, order: u32) -> BitTree<'t> {
+        BitTree {
+            bits: self.end >> order,
+            row: &self.table[order as usize],
+        }
+    }
+
+    /// Adds block `idx` of `order` to the block set in `m`, merging it with its buddy while the
+    /// buddy is in the set, so that the set stays canonical. `merged(k)` is called for every merge
+    /// at order k (a block of order k left the set). Returns the order of the block finally added.
+    fn insert_merging(
+        &self,
+        m: &mut [u64],
+        mut idx: u64,
+        mut order: u32,
+        mut merged: impl FnMut(u32),
+    ) -> u32 {
+        while order < MAX_PAGE_ORDER {
+            let tree = self.order(order);
+            let buddy = idx ^ 1;
+            if !tree.get(m, buddy) {
+                break;
+            }
+            tree.clear(m, buddy);
+            merged(order);
+            idx /= 2;
+            order += 1;
+        }
+        self.order(order).set(m, idx);
+        order
+    }
+
+    /// Whether a block of the set in `m` holds a page of [start, end) (start < end).
+    fn any_block_in(&self, m: &[u64], start: u64, end: u64) -> bool {
+        (0..=MAX_PAGE_ORDER).any(|k| self.order(k).any_in(m, start >> k, ((end - 1) >> k) + 1))
+    }
+
+    /// The order of the block of the set in `m` that holds `page`, if one does.
+    fn block_holding(&self, m: &[u64], page: u64) -> Option<u32> {
+        (0..=MAX_PAGE_ORDER)
+            .rev()
+            .find(|&k| self.order(k).get(m, page >> k))
+    }
+}
+
+/// The maximal naturally aligned blocks, as (first page, order), that tile [start, end) in order:
+/// at most 2 · MAX_PAGE_ORDER of them, plus one per MAX_PAGE_ORDER block.
+fn aligned_blocks(start: u64, end: u64) -> impl Iterator<Item = (u64, u32)> {
+    let mut page = start;
+    core::iter::from_fn(move || {
+        if page >= end {
+            return None;
+        }
+        let align_order = if page == 0 {
+            MAX_PAGE_ORDER
+        } else {
+            page.trailing_zeros()
+        };
+        let fit_order = 63 - (end - page).leading_zeros();
+        let order = align_order.min(fit_order).min(MAX_PAGE_ORDER);
+        let block = (page, order);
+        page += block_pages(order);
+        Some(block)
+    })
 }
 
 /// Index-space geometry shared by `metadata_words` and `BuddyAllocator::new`.
@@ -425,8 +519,10 @@ struct Geometry {
     /// Span [start, end) in pages relative to `origin_pfn`.
     start: u64,
     end: u64,
-    trees: [BitTree; NR_ORDERS + 1],
-    words: usize,
+    /// Metadata words of one block set.
+    set_words: usize,
+    /// Metadata words of the allocator: the layout table and both block sets.
+    total_words: usize,
 }
 
 impl Geometry {
@@ -446,31 +542,28 @@ impl Geometry {
         if span_pages == 0 || end > MAX_SPAN_PAGES {
             return Err(bad);
         }
-        let mut words = 0usize;
-        let mut trees = [BitTree {
-            bits: 0,
-            levels: 0,
-            offset: [0; MAX_LEVELS],
-            words: [0; MAX_LEVELS],
-        }; NR_ORDERS + 1];
-        for (order, tree) in trees[..NR_ORDERS].iter_mut().enumerate() {
-            // Only blocks that end inside the index space can ever be free.
-            *tree = BitTree::layout(end >> order, &mut words).ok_or(bad)?;
+        let mut set_words = 0usize;
+        for order in 0..NR_ORDERS {
+            // Only blocks that end inside the index space can ever be in a set.
+            lay_out_tree(end >> order, &mut set_words, |_, _| {}).ok_or(bad)?;
         }
-        trees[HOLES] = BitTree::layout(end, &mut words).ok_or(bad)?;
+        let total_words = set_words
+            .checked_mul(2)
+            .and_then(|w| w.checked_add(TABLE_WORDS))
+            .ok_or(bad)?;
         Ok(Geometry {
             origin_pfn,
             start: base_pfn - origin_pfn,
             end,
-            trees,
-            words,
+            set_words,
+            total_words,
         })
     }
 }
 
 /// Number of `u64` metadata words a `BuddyAllocator` over this span needs.
 pub fn metadata_words(span_base: PhysAddr, span_pages: u64) -> Result<usize, BuddyError> {
-    Geometry::new(span_base, span_pages).map(|g| g.words)
+    Geometry::new(span_base, span_pages).map(|g| g.total_words)
 }
 
 /// The page allocator. See the module documentation.
@@ -478,8 +571,11 @@ pub struct BuddyAllocator<'m> {
     origin_pfn: u64,
     span_start: u64,
     span_end: u64,
-    trees: [BitTree; NR_ORDERS + 1],
-    meta: &'m mut [u64],
+    trees: BlockTrees<'m>,
+    /// Metadata of the free set.
+    free: &'m mut [u64],
+    /// Metadata of the managed set.
+    managed: &'m mut [u64],
     total_pages: u64,
     free_pages: u64,
     free_blocks: [u64; NR_ORDERS],
@@ -490,30 +586,51 @@ pub struct BuddyAllocator<'m> {
 
 impl<'m> BuddyAllocator<'m> {
     /// An allocator for the physical span [span_base, span_base + span_pages pages), with nothing
-    /// free yet. `metadata` must hold at least `metadata_words(span_base, span_pages)` words; the
-    /// allocator zeroes and owns that prefix. Every page starts as a hole until `add_free_range`.
+    /// free yet. `metadata` must hold at least `metadata_words(span_base, span_pages)` words, in any
+    /// state; the allocator owns that prefix (it writes a few words now and the others as it comes
+    /// to use them). Every page starts as a hole until `add_free_range`.
     pub fn new(
         span_base: PhysAddr,
         span_pages: u64,
         metadata: &'m mut [u64],
     ) -> Result<Self, BuddyError> {
         let g = Geometry::new(span_base, span_pages)?;
-        if metadata.len() < g.words {
+        if metadata.len() < g.total_words {
             return Err(BuddyError::MetadataTooSmall {
-                needed: g.words,
+                needed: g.total_words,
                 given: metadata.len(),
             });
         }
-        let meta = &mut metadata[..g.words];
-        meta.fill(0);
-        let holes = g.trees[HOLES];
-        holes.assign_range(meta, 0, g.end, true);
+        // `Geometry::new` laid the same trees out, so the errors below cannot happen.
+        let bad = BuddyError::BadSpan {
+            base: span_base,
+            pages: span_pages,
+        };
+        let (table, sets) = metadata.split_at_mut(TABLE_WORDS);
+        let (free, rest) = sets.split_at_mut(g.set_words);
+        let managed = &mut rest[..g.set_words];
+        let table: &mut [[u64; ROW_WORDS]; NR_ORDERS] =
+            table.as_chunks_mut().0.try_into().map_err(|_| bad)?;
+        let mut next = 0usize;
+        for (order, row) in table.iter_mut().enumerate() {
+            let levels = lay_out_tree(g.end >> order, &mut next, |level, offset| {
+                row[1 + level] = offset as u64;
+            })
+            .ok_or(bad)?;
+            row[0] = levels as u64;
+        }
+        let trees = BlockTrees { table, end: g.end };
+        for order in 0..=MAX_PAGE_ORDER {
+            trees.order(order).init(free);
+            trees.order(order).init(managed);
+        }
         Ok(BuddyAllocator {
             origin_pfn: g.origin_pfn,
             span_start: g.start,
             span_end: g.end,
-            trees: g.trees,
-            meta,
+            trees,
+            free,
+            managed,
             total_pages: 0,
             free_pages: 0,
             free_blocks: [0; NR_ORDERS],
@@ -541,11 +658,13 @@ impl<'m> BuddyAllocator<'m> {
             (Some(s), Some(e)) if s >= self.span_start && e <= self.span_end => (s, e),
             _ => return Err(outside),
         };
-        let holes = self.trees[HOLES];
-        if !holes.all_in(self.meta, start, end) {
+        if self.trees.any_block_in(self.managed, start, end) {
             return Err(BuddyError::RangeAlreadyAdded { base, pages });
         }
-        holes.assign_range(self.meta, start, end, false);
+        for (page, order) in aligned_blocks(start, end) {
+            self.trees
+                .insert_merging(self.managed, page >> order, order, |_| {});
+        }
         self.insert_range(start, end);
         self.total_pages += end - start;
         Ok(end - start)
@@ -671,22 +790,22 @@ impl<'m> BuddyAllocator<'m> {
         // The highest page a block of `order` may start at.
         let top = (fitting - 1) << order;
         for k in order..=MAX_PAGE_ORDER {
-            let tree = self.trees[k as usize];
+            let tree = self.trees.order(k);
             // A free block containing `top` may straddle the limit and still hold the best block;
             // otherwise take the highest free block wholly below the limit.
-            let (idx, target) = if tree.get(self.meta, top >> k) {
+            let (idx, target) = if tree.get(self.free, top >> k) {
                 (top >> k, top)
             } else {
-                match tree.last_before(self.meta, limit_page >> k) {
+                match tree.last_before(self.free, limit_page >> k) {
                     Some(idx) => (idx, ((idx + 1) << k) - block_pages(order)),
                     None => continue,
                 }
             };
-            tree.clear(self.meta, idx);
+            tree.clear(self.free, idx);
             self.free_blocks[k as usize] -= 1;
             // Split down to `order`, freeing at each level the half that does not hold `target`.
             for j in (order..k).rev() {
-                self.trees[j as usize].set(self.meta, (target >> j) ^ 1);
+                self.trees.order(j).set(self.free, (target >> j) ^ 1);
                 self.free_blocks[j as usize] += 1;
             }
             self.free_pages -= block_pages(order);
@@ -703,13 +822,11 @@ impl<'m> BuddyAllocator<'m> {
         if start < self.span_start || end > self.span_end {
             return Err(out);
         }
-        if self.trees[HOLES].any_in(self.meta, start, end) {
+        if !self.all_managed(start, end) {
             return Err(FreeError::NotManaged { addr, pages });
         }
         // A free block of any order that intersects the range means part of it is already free.
-        let partly_free = (0..=MAX_PAGE_ORDER)
-            .any(|k| self.trees[k as usize].any_in(self.meta, start >> k, ((end - 1) >> k) + 1));
-        if partly_free {
+        if self.trees.any_block_in(self.free, start, end) {
             return Err(FreeError::DoubleFree { addr, pages });
         }
         self.insert_range(start, end);
@@ -717,39 +834,32 @@ impl<'m> BuddyAllocator<'m> {
         Ok(())
     }
 
+    /// Whether every page of [start, end) (within the span) is managed: one lookup per block of
+    /// the managed set that the range meets.
+    fn all_managed(&self, start: u64, end: u64) -> bool {
+        let mut page = start;
+        while page < end {
+            match self.trees.block_holding(self.managed, page) {
+                Some(order) => page = ((page >> order) + 1) << order,
+                None => return false,
+            }
+        }
+        true
+    }
+
     /// Frees the page range [start, end) (known to be managed and allocated) as maximal aligned
     /// blocks, merging each with its free buddies.
     fn insert_range(&mut self, start: u64, end: u64) {
-        let mut page = start;
-        while page < end {
-            let align_order = if page == 0 {
-                MAX_PAGE_ORDER
-            } else {
-                page.trailing_zeros()
-            };
-            let fit_order = 63 - (end - page).leading_zeros();
-            let order = align_order.min(fit_order).min(MAX_PAGE_ORDER);
-            self.insert_block(page >> order, order);
-            page += block_pages(order);
+        for (page, order) in aligned_blocks(start, end) {
+            self.free_pages += block_pages(order);
+            let free_blocks = &mut self.free_blocks;
+            let top = self
+                .trees
+                .insert_merging(self.free, page >> order, order, |k| {
+                    free_blocks[k as usize] -= 1;
+                });
+            free_blocks[top as usize] += 1;
         }
-    }
-
-    /// Marks block `idx` of `order` free, merging with its buddy while the buddy is free.
-    fn insert_block(&mut self, mut idx: u64, mut order: u32) {
-        self.free_pages += block_pages(order);
-        while order < MAX_PAGE_ORDER {
-            let tree = self.trees[order as usize];
-            let buddy = idx ^ 1;
-            if !tree.get(self.meta, buddy) {
-                break;
-            }
-            tree.clear(self.meta, buddy);
-            self.free_blocks[order as usize] -= 1;
-            idx /= 2;
-            order += 1;
-        }
-        self.trees[order as usize].set(self.meta, idx);
-        self.free_blocks[order as usize] += 1;
     }
 }
 
@@ -761,8 +871,23 @@ mod tests {
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
 
+    /// Metadata for the span, full of set bits: the allocator must not rely on any word it has
+    /// not written itself.
     fn meta_for(base: u64, pages: u64) -> Vec<u64> {
         vec![!0u64; metadata_words(PhysAddr(base), pages).unwrap()]
+    }
+
+    /// `n` words of pseudo-random garbage (xorshift64 from `seed`).
+    fn garbage(n: usize, seed: u64) -> Vec<u64> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            })
+            .collect()
     }
 
     fn pa(a: u64) -> PhysAddr {
@@ -1041,8 +1166,11 @@ mod tests {
         // 16 GiB span with a 1 GiB hole: no per-page work, and the free blocks are 1 GiB blocks.
         let pages = 16 * GIB / PAGE_SIZE;
         let mut meta = meta_for(GIB, pages);
-        // Three bits per page plus the summary levels (1/63 more).
-        assert!(meta.len() as u64 * 64 <= 3 * pages + 3 * pages / 63 + 40 * 64);
+        // Four bits per page plus the summary levels (1/63 more), the rounding of each level and
+        // the layout table.
+        let rounding = ((2 * NR_ORDERS * MAX_LEVELS + TABLE_WORDS) * 64) as u64;
+        assert!(meta.len() as u64 * 64 <= 4 * pages + 4 * pages / 63 + rounding);
+        let before = meta.clone();
         let mut b = BuddyAllocator::new(pa(GIB), pages, &mut meta).unwrap();
         b.add_free_range(pa(GIB), 4 * GIB / PAGE_SIZE).unwrap();
         b.add_free_range(pa(6 * GIB), 11 * GIB / PAGE_SIZE).unwrap();
@@ -1051,6 +1179,158 @@ mod tests {
         assert_eq!(s.largest_free_order, Some(18));
         assert_eq!(b.alloc_below(18, pa(4 * GIB)), Ok(pa(3 * GIB)));
         assert_eq!(b.alloc(18), Ok(pa(16 * GIB)));
+        // The layout table, the top word of each tree, and a few words per block of the two
+        // ranges and the two allocations; a loop over the order-0 bitmaps alone would write
+        // 2 * 65,536 words.
+        let written = meta.iter().zip(&before).filter(|(a, b)| a != b).count();
+        assert!(
+            written <= TABLE_WORDS + 2 * NR_ORDERS + 4 * 4 * 19,
+            "{written} words written"
+        );
+    }
+
+    #[test]
+    fn set_up_writes_only_the_top_word_of_each_tree() {
+        for (base, pages) in [(GIB, 1), (GIB, GIB / PAGE_SIZE), (5 * PAGE_SIZE, 1 << 22)] {
+            let mut meta = garbage(metadata_words(pa(base), pages).unwrap() + 3, 7);
+            let before = meta.clone();
+            let mut b = BuddyAllocator::new(pa(base), pages, &mut meta).unwrap();
+            assert_eq!(b.stats().free_pages, 0);
+            assert_eq!(
+                b.alloc(0),
+                Err(AllocError::OutOfMemory {
+                    order: 0,
+                    limit: None
+                })
+            );
+            assert_eq!(
+                b.free(pa(base), 0),
+                Err(FreeError::NotManaged {
+                    addr: pa(base),
+                    pages: 1
+                })
+            );
+            // Beyond the layout table: the top word of each tree.
+            let sets = meta[TABLE_WORDS..].iter().zip(&before[TABLE_WORDS..]);
+            let written = sets.filter(|(a, b)| a != b).count();
+            assert_eq!(written, 2 * NR_ORDERS, "span of {pages} pages at {base:#x}");
+            assert_eq!(meta[meta.len() - 3..], before[before.len() - 3..]);
+        }
+    }
+
+    #[test]
+    fn managed_blocks_merge_across_ranges() {
+        // Ranges added in pieces and out of order: [0, 1029) and [1030, 3048).
+        let mut meta = meta_for(GIB, 4096);
+        let mut b = BuddyAllocator::new(pa(GIB), 4096, &mut meta).unwrap();
+        let pg = PAGE_SIZE;
+        for (first, n) in [(1024, 3), (1030, 1018), (1027, 2), (0, 1024), (2048, 1000)] {
+            assert_eq!(b.add_free_range(pa(GIB + first * pg), n), Ok(n));
+        }
+        assert_eq!(b.stats().free_pages, 1029 + 2018);
+        assert_eq!(b.alloc_below(10, pa(GIB + 1024 * pg)), Ok(pa(GIB)));
+        assert_eq!(
+            b.alloc_below(9, pa(GIB + 2048 * pg)),
+            Ok(pa(GIB + 1536 * pg))
+        );
+        // Blocks over the hole at page 1029, or over the end at 3048, are not managed.
+        let not_managed = |addr, pages| Err(FreeError::NotManaged { addr, pages });
+        assert_eq!(
+            b.free(pa(GIB + 1024 * pg), 3),
+            not_managed(pa(GIB + 1024 * pg), 8)
+        );
+        assert_eq!(
+            b.free(pa(GIB + 2048 * pg), 10),
+            not_managed(pa(GIB + 2048 * pg), 1024)
+        );
+        assert_eq!(b.free_pages(pa(GIB), 2048), not_managed(pa(GIB), 2048));
+        b.free(pa(GIB), 10).unwrap();
+        b.free(pa(GIB + 1536 * pg), 9).unwrap();
+        assert_eq!(
+            b.alloc(11),
+            Err(AllocError::OutOfMemory {
+                order: 11,
+                limit: None
+            })
+        );
+        // Filling the hole merges the managed pieces into one order-11 block.
+        assert_eq!(b.add_free_range(pa(GIB + 1029 * pg), 1), Ok(1));
+        assert_eq!(b.alloc(11), Ok(pa(GIB)));
+        b.free(pa(GIB), 11).unwrap();
+        assert_eq!(
+            b.free(pa(GIB), 11),
+            Err(FreeError::DoubleFree {
+                addr: pa(GIB),
+                pages: 2048
+            })
+        );
+        let s = b.stats();
+        assert_eq!((s.free_pages, s.free_blocks_per_order[11]), (3048, 1));
+    }
+
+    // ----- bit tree model test -----
+
+    #[derive(Clone, Debug)]
+    enum TreeOp {
+        Set(u64),
+        Clear(u64),
+        First(u64),
+        Last(u64),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// A lazily initialised tree over garbage metadata against a set of indices, with trees
+        /// of one to four levels and operations clustered so that words fill up and empty again.
+        #[test]
+        fn bit_tree_model(
+            bits in prop_oneof![1u64..200, 4000u64..5000, 250_000u64..300_000],
+            seed in any::<u64>(),
+            centre in any::<u64>(),
+            ops in proptest::collection::vec(
+                (0u8..4, 0u64..9000).prop_map(|(k, d)| (k, d)), 1..300),
+        ) {
+            let mut next = 3;
+            let mut row = [0u64; ROW_WORDS];
+            row[0] = lay_out_tree(bits, &mut next, |l, o| row[1 + l] = o as u64).unwrap() as u64;
+            let tree = BitTree { bits, row: &row };
+            let mut m = garbage(next + 3, seed);
+            let guard = (m[..3].to_vec(), m[next..].to_vec());
+            tree.init(&mut m);
+            let mut model = std::collections::BTreeSet::new();
+            let centre = centre % bits;
+            for (kind, d) in ops {
+                // Indices near `centre`, wrapped into the tree, and sometimes past its end.
+                let i = (centre + d).checked_sub(4500).unwrap_or(d) % (bits + 2);
+                let op = match kind {
+                    0 => TreeOp::Set(i),
+                    1 => TreeOp::Clear(i),
+                    2 => TreeOp::First(i),
+                    _ => TreeOp::Last(i),
+                };
+                match op {
+                    TreeOp::Set(i) if i < bits => {
+                        tree.set(&mut m, i);
+                        model.insert(i);
+                    }
+                    TreeOp::Clear(i) if model.contains(&i) => {
+                        tree.clear(&mut m, i);
+                        model.remove(&i);
+                    }
+                    TreeOp::First(i) => {
+                        prop_assert_eq!(tree.first_at_or_after(&m, i), model.range(i..).next().copied());
+                    }
+                    TreeOp::Last(i) => {
+                        prop_assert_eq!(tree.last_before(&m, i), model.range(..i).next_back().copied());
+                    }
+                    TreeOp::Set(_) | TreeOp::Clear(_) => {}
+                }
+                prop_assert_eq!(tree.get(&m, i), model.contains(&i));
+            }
+            prop_assert_eq!(tree.first_at_or_after(&m, 0), model.first().copied());
+            prop_assert_eq!(tree.last_before(&m, u64::MAX), model.last().copied());
+            prop_assert_eq!((m[..3].to_vec(), m[next..].to_vec()), guard);
+        }
     }
 
     // ----- model test -----
@@ -1142,10 +1422,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
         #[test]
-        fn model(base_sel in 0usize..3, segs in holes(), ops in proptest::collection::vec(op(), 1..120)) {
-            let base_pfn = [GIB / PAGE_SIZE, (GIB + 3 * MIB) / PAGE_SIZE + 7, 5][base_sel];
+        fn model(base_sel in 0usize..5, seed in any::<u64>(), segs in holes(), ops in proptest::collection::vec(op(), 1..120)) {
+            // The last two bases put the span across a word boundary of level 1 (4096 pages) and
+            // of level 2 (2^18 pages, a tree of four levels) of the order-0 trees.
+            let g = GIB / PAGE_SIZE;
+            let base_pfn = [g, (GIB + 3 * MIB) / PAGE_SIZE + 7, 5, g + 3 * 4096 - 1000, 2 * g - 1000][base_sel];
             let span: u64 = segs.iter().map(|s| s.0).sum();
-            let mut meta = meta_for(base_pfn * PAGE_SIZE, span);
+            let mut meta = garbage(metadata_words(PhysAddr::from_pfn(base_pfn), span).unwrap(), seed);
             let mut b = BuddyAllocator::new(PhysAddr::from_pfn(base_pfn), span, &mut meta).unwrap();
             let mut m = Model { base_pfn, pages: vec![Page::Hole; span as usize] };
             let mut at = base_pfn;

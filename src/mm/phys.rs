@@ -3,9 +3,10 @@
 //!
 //! [`init`] runs once in the boot path, after every boot-time reservation (kernel, DTB, heap, CMA
 //! areas) is in the memory map: from then on the memory map is history and the pages it calls free
-//! belong to this allocator. The metadata (about three bits per page of the span) comes from the
-//! memory map's early allocator; the set-up cost is one store per 64 pages to clear it plus a few
-//! operations per free range, never a loop over pages.
+//! belong to this allocator. The metadata (about four bits per page of the span) comes from the
+//! memory map's early allocator and is initialised lazily: set-up writes about two hundred words
+//! whatever the size of RAM, plus a few per aligned block of each free range, and never loops over
+//! pages or over the metadata.
 //!
 //! [`LockedPages`] (the allocator with its lock) and the set-up helpers [`Layout::of`] and
 //! [`populate`] are plain code that the host tests exercise; the global instance and the

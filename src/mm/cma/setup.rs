@@ -13,7 +13,9 @@
 //!    none; without `cma=`, [`default_cma_size`] of RAM (64 MiB, less on small machines) anywhere
 //!    below [`DEFAULT_AREA_LIMIT`]. This area is named "reserved", as in Linux.
 //! 3. A device node whose `memory-region` (its first phandle, as Linux's of_reserved_mem_device_init
-//!    reads it) names the node of an area owns that area: see [`CmaSetup::area_for_device`].
+//!    reads it) names the node of an area owns that area: see [`CmaSetup::area_for_device`]. The
+//!    owners are listed at set-up only when some area came from a node, so a boot with the
+//!    default area alone does not walk the whole tree.
 //!
 //! Dynamically placed areas are recorded in the memory map as [`ReservationKind::Cma`] at once, so
 //! the next placement, and the page allocator set up afterwards, never use their pages. A `reg`
@@ -348,8 +350,15 @@ impl CmaSetup {
         self.refusals.push(Refusal { name: AreaName::new(name), node, reason });
     }
 
+    /// Records and logs the devices that own an area. Only an area made from a `/reserved-memory`
+    /// node can be owned: without one (the usual case, the default area alone) the whole tree is not
+    /// walked, and a malformed `memory-region` is reported only when its device is set up
+    /// ([`CmaSetup::area_for_device`]).
     fn bind_devices(&mut self, dt: &DeviceTree<'_>) {
-        for node in dt.nodes().filter(|n| n.is_available() && n.has_property("memory-region")) {
+        if self.areas.iter().all(|a| a.node.is_none()) {
+            return;
+        }
+        for node in dt.nodes().filter(|n| n.has_property("memory-region") && n.is_available()) {
             match self.device_area_index(dt, &node) {
                 Ok(Some(i)) => {
                     self.log.push(format!("cma: {} owns area `{}`", node.path(), self.areas[i].area.name()));
@@ -947,6 +956,32 @@ pub(crate) mod tests {
         assert_eq!(s.area_containing(PhysAddr(0x5000_0000), 2048).map(CmaArea::name), Some("dev@50000000"));
         assert_eq!(s.area_containing(PhysAddr(0x5000_0000), 2049).map(CmaArea::name), None);
         assert_eq!(s.area_named("low@0").map(CmaArea::base), Some(PhysAddr(0x4340_0000)));
+    }
+
+    #[test]
+    fn devices_are_listed_only_when_an_area_came_from_a_node() {
+        let blob = {
+            let mut w = FdtWriter::new();
+            w.cells("#address-cells", &[2]).cells("#size-cells", &[2]);
+            w.begin("memory@40000000").str("device_type", "memory").cells("reg", &[0, 0x4000_0000, 0, 0x4000_0000]).end();
+            w.begin("reserved-memory").cells("#address-cells", &[2]).cells("#size-cells", &[2]).prop("ranges", &[]);
+            w.begin("fw@43c00000").cells("reg", &[0, 0x43c0_0000, 0, 0x40_0000]).prop("no-map", &[]).cells("phandle", &[5]).end();
+            w.end();
+            w.begin("dev-a").cells("memory-region", &[5]).end();
+            w.begin("dev-c").cells("memory-region", &[99]).end();
+            w.finish()
+        };
+        let dt = open(&blob, 0x4800_0000);
+        let mut m = map_of(&dt);
+        let s = CmaSetup::new(&dt, None, &mut m);
+        assert_eq!(spans(&s), [("reserved", 0x7c00_0000, 64 << 20)]);
+        // No area can be owned, so the devices are not looked at: dev-c's dangling phandle is
+        // reported only when that device is set up.
+        assert!(s.devices.is_empty());
+        assert_eq!(s.log, ["cma: Reserved 64 MiB at 0x000000007c000000 (reserved, default)"]);
+        let node = |p: &str| dt.find_node(p).unwrap();
+        assert!(s.area_for_device(&dt, &node("/dev-c")).is_err());
+        assert!(s.area_for_device(&dt, &node("/dev-a")).unwrap().is_none());
     }
 
     #[test]
