@@ -72,7 +72,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Bootargs this kernel understands; others are reported and ignored.
-pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench"];
+pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask"];
 
 /// The kernel heap's size: bookkeeping only (DMA buffers never come from it).
 const HEAP_SIZE: u64 = 4 << 20;
@@ -282,6 +282,8 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
 
     // CMA areas first (recorded in the memory map), then the page allocator over what is left.
     crate::mm::cma::setup::init(&dt, &bootargs, &mut memmap);
+    // The swiotlb bounce pool (below 4 GiB) and `dma.noncoherent`, before the page allocator.
+    crate::dma::bounce::init(&bootargs, &mut memmap);
     match crate::mm::phys::init(&mut memmap) {
         Ok(summary) => println!("{summary}"),
         Err(e) => boot_error(format_args!("page allocator: {e}")),

@@ -507,3 +507,31 @@ mod tests {
         }
     }
 }
+
+/// The CPU's data cache to the point of coherency, through the architecture's by-VA operations
+/// (each ends with a DSB, as [`CacheOps`] requires).
+#[cfg(target_os = "none")]
+pub struct PocOps;
+
+#[cfg(target_os = "none")]
+impl CacheOps for PocOps {
+    #[inline]
+    fn line_size(&self) -> usize {
+        crate::arch::cache::line_size()
+    }
+
+    #[inline]
+    fn clean(&mut self, va: usize, len: usize) {
+        crate::arch::cache::clean(va, len)
+    }
+
+    #[inline]
+    fn invalidate(&mut self, va: usize, len: usize) {
+        crate::arch::cache::invalidate(va, len)
+    }
+
+    #[inline]
+    fn clean_invalidate(&mut self, va: usize, len: usize) {
+        crate::arch::cache::clean_invalidate(va, len)
+    }
+}

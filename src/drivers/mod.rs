@@ -2,8 +2,12 @@
 //! (PCI enumeration over a `ConfigSpace`) build and test on the host too; the rest touch hardware
 //! and exist only in the kernel build.
 
+#[cfg(target_os = "none")]
+pub mod edu;
 pub mod pci;
 #[cfg(target_os = "none")]
 pub mod pl011;
 #[cfg(target_os = "none")]
 pub mod psci;
+#[cfg(target_os = "none")]
+pub mod virtio;

@@ -50,3 +50,4 @@ pub fn isb() {
     // SAFETY: a barrier has no operands.
     unsafe { core::arch::asm!("isb", options(nostack)) };
 }
+

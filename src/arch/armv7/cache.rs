@@ -65,3 +65,4 @@ pub fn dsb() {
 pub fn isb() {
     aarch32_cpu::asm::isb();
 }
+

@@ -24,6 +24,8 @@
 
 mod assign;
 mod caps;
+#[cfg(target_os = "none")]
+pub mod ecam;
 #[cfg(test)]
 mod fake;
 mod host;

@@ -1,0 +1,471 @@
+//! The public DMA API (Linux's include/linux/dma-mapping.h), on a [`Device`], with Linux's
+//! semantics and Rust's types:
+//!
+//! - Coherent memory: [`Device::alloc_coherent`] returns a [`DmaCoherent`] holding the CPU
+//!   pointer and the device address, freed on drop or by [`DmaCoherent::free`].
+//! - Streaming mappings of memory the caller owns: raw ([`Device::map_phys`],
+//!   [`Device::map_page`], [`Device::unmap_phys`], [`Device::sync_for_cpu`],
+//!   [`Device::sync_for_device`]), typed by direction ([`Device::map_single`] returning a
+//!   [`DmaStream<D>`] that borrows the buffer and unmaps on drop), and scatter-gather lists
+//!   ([`Device::map_sg`]).
+//! - Masks: [`Device::set_mask`] / [`Device::set_coherent_mask`] refuse a mask under which the
+//!   device could reach no usable memory.
+//!
+//! A device address is a [`DmaAddr`], never a `PhysAddr`; failures are [`DmaError`] values, never
+//! a magic address (Linux's `DMA_MAPPING_ERROR`). The back end is chosen by the device's
+//! [`Backend`](super::Backend).
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::ops::BitOr;
+
+use super::busmap::DmaAddr;
+use super::contiguous::ContiguousError;
+use super::maint::{Direction, MaintError};
+use super::swiotlb::SwiotlbError;
+use super::Device;
+use crate::mm::addr::PhysAddr;
+
+/// Attributes of an allocation or mapping (Linux's `DMA_ATTR_*`). dma-direct gives them the
+/// meaning it can without remapping; dma-remap and dma-iommu give them their full one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DmaAttrs(u32);
+
+impl DmaAttrs {
+    pub const NONE: DmaAttrs = DmaAttrs(0);
+    /// Write-combined CPU mapping of a coherent buffer (dma-remap; dma-direct's mapping stays the
+    /// linear map).
+    pub const WRITE_COMBINE: DmaAttrs = DmaAttrs(1 << 0);
+    /// The caller needs no CPU pointer: [`DmaCoherent::cpu_ptr`] is `None`.
+    pub const NO_KERNEL_MAPPING: DmaAttrs = DmaAttrs(1 << 1);
+    /// Physically contiguous memory (always the case with dma-direct).
+    pub const FORCE_CONTIGUOUS: DmaAttrs = DmaAttrs(1 << 2);
+    /// Single pages are enough (dma-iommu; dma-direct allocates contiguously anyway).
+    pub const ALLOC_SINGLE_PAGES: DmaAttrs = DmaAttrs(1 << 3);
+    /// No cache maintenance at map/unmap: the caller syncs explicitly.
+    pub const SKIP_CPU_SYNC: DmaAttrs = DmaAttrs(1 << 4);
+
+    pub const fn contains(self, other: DmaAttrs) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl BitOr for DmaAttrs {
+    type Output = DmaAttrs;
+
+    fn bitor(self, rhs: DmaAttrs) -> DmaAttrs {
+        DmaAttrs(self.0 | rhs.0)
+    }
+}
+
+/// Why a DMA API call failed. Nothing was mapped or allocated by a failed call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaError {
+    /// A request for zero bytes.
+    ZeroSize,
+    /// No memory for a coherent buffer the device can reach.
+    NoMemory(ContiguousError),
+    /// The buffer is beyond the device's reach (mask or bus windows) and no bounce pool it can
+    /// reach exists.
+    Unreachable { phys: PhysAddr, size: u64, mask: u64 },
+    /// The bounce pool refused the mapping (full, too large) or the unmap (not mapped).
+    Bounce(SwiotlbError),
+    /// The bounce pool lies beyond the device's reach too.
+    PoolUnreachable { pool: PhysAddr, mask: u64 },
+    /// A mask under which the device reaches neither RAM nor a bounce pool.
+    MaskUnsupported { mask: u64, lowest: PhysAddr },
+    /// A device address that does not belong to a live mapping of this device.
+    NotMapped { dma: DmaAddr, size: u64 },
+    /// Memory the CPU cannot address through its identity map (above 4 GiB on armv7).
+    NotCpuAddressable { phys: PhysAddr, size: u64 },
+    /// Cache maintenance refused the range.
+    Maint(MaintError),
+    /// A size or offset that overflows, or a sub-range outside its mapping.
+    BadRange { offset: u64, size: u64, len: u64 },
+    /// Pages freed to the wrong allocator, or a double free.
+    Free,
+}
+
+impl fmt::Display for DmaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            DmaError::ZeroSize => f.write_str("DMA request of 0 bytes"),
+            DmaError::NoMemory(e) => write!(f, "no memory for a coherent buffer: {e}"),
+            DmaError::Unreachable { phys, size, mask } => {
+                write!(f, "buffer {phys} + {size:#x} is beyond the device's DMA mask {mask:#x} and no bounce pool is available")
+            }
+            DmaError::Bounce(e) => write!(f, "bounce buffer: {e}"),
+            DmaError::PoolUnreachable { pool, mask } => {
+                write!(f, "the bounce pool at {pool} is beyond the device's DMA mask {mask:#x}")
+            }
+            DmaError::MaskUnsupported { mask, lowest } => {
+                write!(f, "DMA mask {mask:#x} reaches neither RAM (lowest usable address {lowest}) nor a bounce pool")
+            }
+            DmaError::NotMapped { dma, size } => write!(f, "{dma} + {size:#x} is not a live mapping of this device"),
+            DmaError::NotCpuAddressable { phys, size } => write!(f, "{phys} + {size:#x} is not addressable by the CPU"),
+            DmaError::Maint(e) => write!(f, "cache maintenance: {e}"),
+            DmaError::BadRange { offset, size, len } => {
+                write!(f, "range {offset:#x} + {size:#x} does not fit in a mapping of {len:#x} bytes")
+            }
+            DmaError::Free => f.write_str("the buffer's pages were refused by their allocator"),
+        }
+    }
+}
+
+/// Checks that `offset .. offset + size` lies inside `0 .. len`.
+pub fn check_subrange(offset: u64, size: u64, len: u64) -> Result<(), DmaError> {
+    match offset.checked_add(size) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(DmaError::BadRange { offset, size, len }),
+    }
+}
+
+/// A direction known at compile time, for [`DmaStream`].
+pub trait DmaDir {
+    const DIR: Direction;
+}
+
+/// The device reads the buffer.
+pub struct ToDevice;
+/// The device writes the buffer.
+pub struct FromDevice;
+/// The device reads and writes the buffer.
+pub struct Bidirectional;
+
+impl DmaDir for ToDevice {
+    const DIR: Direction = Direction::ToDevice;
+}
+impl DmaDir for FromDevice {
+    const DIR: Direction = Direction::FromDevice;
+}
+impl DmaDir for Bidirectional {
+    const DIR: Direction = Direction::Bidirectional;
+}
+
+/// One segment of a scatter-gather list: the caller fills `phys` and `len`; [`Device::map_sg`]
+/// fills `dma` (dma-direct maps segment by segment, without merging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgEntry {
+    pub phys: PhysAddr,
+    pub len: u64,
+    pub dma: Option<DmaAddr>,
+}
+
+impl SgEntry {
+    pub const fn new(phys: PhysAddr, len: u64) -> SgEntry {
+        SgEntry { phys, len, dma: None }
+    }
+}
+
+/// A coherent buffer: memory both the CPU and the device see without cache maintenance, at
+/// [`DmaCoherent::cpu_ptr`] for the CPU and [`DmaCoherent::dma_addr`] for the device. Zeroed when
+/// allocated. Freed on drop (a refusal is printed) or by [`DmaCoherent::free`].
+///
+/// For a non-coherent device, dma-direct cleans and invalidates the buffer when allocating it but
+/// the CPU mapping stays the cacheable linear map until dma-remap gives it an uncached alias: the
+/// CPU must not leave data in its caches there (QEMU models no caches, so this is invisible in the
+/// tests).
+pub struct DmaCoherent<'d> {
+    pub(super) dev: &'d Device,
+    pub(super) raw: Option<CoherentRaw>,
+}
+
+/// What a back end hands out for a coherent buffer, and takes back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CoherentRaw {
+    pub pages: super::contiguous::ContiguousPages,
+    pub dma: DmaAddr,
+    pub size: u64,
+    pub attrs: DmaAttrs,
+}
+
+impl DmaCoherent<'_> {
+    /// The device the buffer belongs to.
+    pub fn device(&self) -> &Device {
+        self.dev
+    }
+
+    /// The device address of the first byte.
+    pub fn dma_addr(&self) -> DmaAddr {
+        self.raw.as_ref().map_or(DmaAddr(0), |r| r.dma)
+    }
+
+    /// Bytes requested.
+    pub fn size(&self) -> u64 {
+        self.raw.as_ref().map_or(0, |r| r.size)
+    }
+
+    /// Physical address of the first byte.
+    pub fn phys(&self) -> PhysAddr {
+        self.raw.as_ref().map_or(PhysAddr(0), |r| r.pages.phys)
+    }
+
+    /// The CPU's pointer to the buffer; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].
+    pub fn cpu_ptr(&self) -> Option<core::ptr::NonNull<u8>> {
+        let r = self.raw.as_ref()?;
+        if r.attrs.contains(DmaAttrs::NO_KERNEL_MAPPING) {
+            return None;
+        }
+        core::ptr::NonNull::new(usize::try_from(r.pages.phys.0).ok()? as *mut u8)
+    }
+
+    /// The buffer as a byte slice for the CPU; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        let len = usize::try_from(self.size()).ok()?;
+        let p = self.cpu_ptr()?;
+        // SAFETY: the buffer is `len` bytes of RAM mapped at its physical address, owned by this
+        // value until it is freed; `&mut self` makes this the only CPU reference to it.
+        Some(unsafe { core::slice::from_raw_parts_mut(p.as_ptr(), len) })
+    }
+}
+
+/// A streaming mapping of a borrowed buffer in direction `D`: the device may access the buffer
+/// at [`DmaStream::dma_addr`] until the mapping is unmapped ([`DmaStream::unmap`], or drop, which
+/// prints a refusal). The CPU sees the device's writes only after [`DmaStream::sync_for_cpu`] or
+/// the unmap.
+pub struct DmaStream<'d, 'b, D: DmaDir> {
+    pub(super) dev: &'d Device,
+    pub(super) buf: &'b mut [u8],
+    pub(super) dma: DmaAddr,
+    /// Streams are only created by the kernel build; the host build sees the field unread.
+    #[cfg_attr(not(target_os = "none"), allow(dead_code))]
+    pub(super) live: bool,
+    pub(super) dir: PhantomData<D>,
+}
+
+impl<D: DmaDir> DmaStream<'_, '_, D> {
+    pub fn dma_addr(&self) -> DmaAddr {
+        self.dma
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Whether the mapping goes through a bounce buffer.
+    pub fn is_bounced(&self) -> bool {
+        self.dev.bus_map().bus_to_phys(self.dma, 1).is_some_and(|p| p.0 != self.buf.as_ptr() as u64)
+    }
+
+    /// The buffer as the CPU sees it: current after [`DmaStream::sync_for_cpu`].
+    pub fn cpu_buffer(&mut self) -> &mut [u8] {
+        self.buf
+    }
+}
+
+#[cfg(target_os = "none")]
+mod kernel {
+    use super::*;
+    use crate::dma::{direct, Backend, GfpFlags};
+    use crate::println;
+
+    impl Device {
+        /// `size` bytes of zeroed coherent memory the device reaches under its coherent mask.
+        /// `gfp` says whether the call may block (CMA is tried only then).
+        pub fn alloc_coherent(&self, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<DmaCoherent<'_>, DmaError> {
+            let raw = match self.backend() {
+                Backend::Direct => direct::alloc(self, size, gfp, attrs)?,
+            };
+            Ok(DmaCoherent { dev: self, raw: Some(raw) })
+        }
+
+        /// Maps `phys .. phys + size`, memory the caller owns until the unmap, for the device in
+        /// direction `dir`; returns the device address (possibly of a bounce buffer).
+        #[inline]
+        pub fn map_phys(&self, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::map(self, phys, size, dir, attrs),
+            }
+        }
+
+        /// Maps `size` bytes at `offset` into the pages starting at `page` (Linux's
+        /// `dma_map_page`).
+        pub fn map_page(&self, page: PhysAddr, offset: u64, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
+            let phys = page.checked_add(offset).ok_or(DmaError::BadRange { offset, size, len: 0 })?;
+            self.map_phys(phys, size, dir, attrs)
+        }
+
+        /// Ends a mapping made by [`Device::map_phys`] with the same size and direction.
+        #[inline]
+        pub fn unmap_phys(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::unmap(self, dma, size, dir, attrs),
+            }
+        }
+
+        /// Gives `dma .. dma + size` (all or part of a live mapping) back to the CPU: the device's
+        /// writes become visible.
+        pub fn sync_for_cpu(&self, dma: DmaAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::sync_for_cpu(self, dma, size, dir),
+            }
+        }
+
+        /// Gives `dma .. dma + size` (all or part of a live mapping) to the device again: the
+        /// CPU's writes become visible to it.
+        pub fn sync_for_device(&self, dma: DmaAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::sync_for_device(self, dma, size, dir),
+            }
+        }
+
+        /// Maps `buf` in direction `D` for as long as the returned stream lives.
+        pub fn map_single<'b, D: DmaDir>(&self, buf: &'b mut [u8]) -> Result<DmaStream<'_, 'b, D>, DmaError> {
+            let dma = self.map_phys(PhysAddr(buf.as_ptr() as u64), buf.len() as u64, D::DIR, DmaAttrs::NONE)?;
+            Ok(DmaStream { dev: self, buf, dma, live: true, dir: PhantomData })
+        }
+
+        /// Maps every segment of `sg` in direction `dir`, filling their `dma`; returns the number
+        /// of segments mapped (all of them). On an error the segments already mapped are unmapped
+        /// again and every `dma` is `None`.
+        pub fn map_sg(&self, sg: &mut [SgEntry], dir: Direction, attrs: DmaAttrs) -> Result<usize, DmaError> {
+            for i in 0..sg.len() {
+                match self.map_phys(sg[i].phys, sg[i].len, dir, attrs) {
+                    Ok(d) => sg[i].dma = Some(d),
+                    Err(e) => {
+                        let _ = self.unmap_sg(&mut sg[..i], dir, attrs);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(sg.len())
+        }
+
+        /// Unmaps the segments of `sg` that are mapped; the first error is returned after all
+        /// segments were tried.
+        pub fn unmap_sg(&self, sg: &mut [SgEntry], dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+            let mut first = Ok(());
+            for e in sg.iter_mut() {
+                if let Some(d) = e.dma.take() {
+                    let r = self.unmap_phys(d, e.len, dir, attrs);
+                    if first.is_ok() {
+                        first = r;
+                    }
+                }
+            }
+            first
+        }
+
+        /// [`Device::sync_for_cpu`] of every mapped segment.
+        pub fn sync_sg_for_cpu(&self, sg: &[SgEntry], dir: Direction) -> Result<(), DmaError> {
+            sg.iter().filter_map(|e| e.dma.map(|d| (d, e.len))).try_for_each(|(d, l)| self.sync_for_cpu(d, l, dir))
+        }
+
+        /// [`Device::sync_for_device`] of every mapped segment.
+        pub fn sync_sg_for_device(&self, sg: &[SgEntry], dir: Direction) -> Result<(), DmaError> {
+            sg.iter().filter_map(|e| e.dma.map(|d| (d, e.len))).try_for_each(|(d, l)| self.sync_for_device(d, l, dir))
+        }
+
+        /// Sets the streaming mask; refused (and unchanged) if the device could reach neither RAM
+        /// nor its bounce pool under it.
+        pub fn set_mask(&mut self, mask: u64) -> Result<(), DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::mask_supported(self, mask)?,
+            }
+            self.store_mask(mask);
+            Ok(())
+        }
+
+        /// Sets the coherent mask; refused (and unchanged) like [`Device::set_mask`].
+        pub fn set_coherent_mask(&mut self, mask: u64) -> Result<(), DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::mask_supported(self, mask)?,
+            }
+            self.store_coherent_mask(mask);
+            Ok(())
+        }
+
+        /// Both masks (Linux's `dma_set_mask_and_coherent`).
+        pub fn set_mask_and_coherent(&mut self, mask: u64) -> Result<(), DmaError> {
+            self.set_mask(mask)?;
+            self.set_coherent_mask(mask)
+        }
+    }
+
+    impl DmaCoherent<'_> {
+        /// Frees the buffer; an allocator's refusal is returned.
+        pub fn free(mut self) -> Result<(), DmaError> {
+            self.release()
+        }
+
+        fn release(&mut self) -> Result<(), DmaError> {
+            match self.raw.take() {
+                None => Ok(()),
+                Some(raw) => match self.dev.backend() {
+                    Backend::Direct => direct::free(self.dev, raw),
+                },
+            }
+        }
+    }
+
+    impl Drop for DmaCoherent<'_> {
+        fn drop(&mut self) {
+            if let Err(e) = self.release() {
+                println!("dma: {}: freeing a coherent buffer: {e}", self.dev);
+            }
+        }
+    }
+
+    impl<D: DmaDir> DmaStream<'_, '_, D> {
+        /// Syncs `offset .. offset + size` of the buffer for the CPU.
+        pub fn sync_for_cpu(&mut self, offset: usize, size: usize) -> Result<(), DmaError> {
+            check_subrange(offset as u64, size as u64, self.buf.len() as u64)?;
+            self.dev.sync_for_cpu(DmaAddr(self.dma.0 + offset as u64), size as u64, D::DIR)
+        }
+
+        /// Syncs `offset .. offset + size` of the buffer for the device.
+        pub fn sync_for_device(&mut self, offset: usize, size: usize) -> Result<(), DmaError> {
+            check_subrange(offset as u64, size as u64, self.buf.len() as u64)?;
+            self.dev.sync_for_device(DmaAddr(self.dma.0 + offset as u64), size as u64, D::DIR)
+        }
+
+        /// Ends the mapping and hands the buffer back to the CPU.
+        pub fn unmap(mut self) -> Result<(), DmaError> {
+            self.live = false;
+            self.dev.unmap_phys(self.dma, self.buf.len() as u64, D::DIR, DmaAttrs::NONE)
+        }
+    }
+
+    impl<D: DmaDir> Drop for DmaStream<'_, '_, D> {
+        fn drop(&mut self) {
+            if self.live {
+                if let Err(e) = self.dev.unmap_phys(self.dma, self.buf.len() as u64, D::DIR, DmaAttrs::NONE) {
+                    println!("dma: {}: unmapping a stream: {e}", self.dev);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attrs_and_ranges() {
+        let a = DmaAttrs::WRITE_COMBINE | DmaAttrs::SKIP_CPU_SYNC;
+        assert!(a.contains(DmaAttrs::SKIP_CPU_SYNC) && a.contains(DmaAttrs::WRITE_COMBINE));
+        assert!(!a.contains(DmaAttrs::NO_KERNEL_MAPPING));
+        assert!(DmaAttrs::NONE.contains(DmaAttrs::NONE));
+        assert_eq!(check_subrange(0, 4096, 4096), Ok(()));
+        assert_eq!(check_subrange(4095, 1, 4096), Ok(()));
+        assert!(check_subrange(4095, 2, 4096).is_err());
+        assert!(check_subrange(u64::MAX, 2, u64::MAX).is_err());
+        assert_eq!(<FromDevice as DmaDir>::DIR, Direction::FromDevice);
+    }
+
+    #[test]
+    fn errors_read_well() {
+        let e = DmaError::MaskUnsupported { mask: 0x0fff_ffff, lowest: PhysAddr(0x4000_0000) };
+        assert_eq!(
+            e.to_string(),
+            "DMA mask 0xfffffff reaches neither RAM (lowest usable address 0x40000000) nor a bounce pool"
+        );
+        let e = DmaError::Unreachable { phys: PhysAddr(0x4000_0000), size: 0x1000, mask: 0x0fff_ffff };
+        assert!(e.to_string().contains("beyond the device's DMA mask 0xfffffff"));
+    }
+}

@@ -1,0 +1,252 @@
+//! dma-direct (Linux's kernel/dma/direct.c): DMA without an IOMMU. The device is given bus
+//! addresses that its [`BusMap`] derives from CPU physical addresses.
+//!
+//! - Coherent buffers come from `dma_alloc_contiguous()` below the limit the coherent mask and
+//!   the bus map allow. Pages the device turns out not to reach (a hole between bus windows) are
+//!   freed and the allocation retried below their address, until it succeeds or nothing is left
+//!   below (the lesson of Linux's 2019 ath10k regression, where such pages were handed out).
+//!   They are zeroed, and for a non-coherent device cleaned and invalidated from the caches
+//!   (Linux's `arch_dma_prep_coherent`). Their CPU mapping stays the cacheable linear map until
+//!   dma-remap provides an uncached alias; see `api::DmaCoherent`.
+//! - Streaming maps give the buffer's own bus address when all of it translates and its last
+//!   byte is under the streaming mask (Linux's `dma_capable`); otherwise, or always with
+//!   `swiotlb=force`, they bounce through the device's pool (its own, else the platform's). No
+//!   pool, or a pool beyond reach too, is an error.
+//! - Non-coherent devices get the cache maintenance of [`super::maint`] on the memory the device
+//!   actually accesses (the bounce slot when bouncing), unless `SKIP_CPU_SYNC`: clean before the
+//!   device accesses it, invalidate after it wrote it.
+//! - A mask is accepted when the device reaches, under it, the lowest RAM page or its bounce pool
+//!   (Linux's `dma_direct_supported`, with the pool standing in for ZONE_DMA).
+
+use super::api::DmaError;
+use super::busmap::BusMap;
+use super::within_mask;
+use crate::mm::addr::{PhysAddr, PAGE_SIZE};
+
+/// Whether a device with bus map `bus` reaches anything useful under `mask`: the first page of
+/// RAM at `lowest_ram`, or the whole bounce pool `pool` (base, size).
+pub fn mask_ok(bus: &BusMap, mask: u64, lowest_ram: PhysAddr, pool: Option<(PhysAddr, u64)>) -> Result<(), DmaError> {
+    let ram = within_mask(bus, mask, lowest_ram, PAGE_SIZE).is_some();
+    let pool = pool.is_some_and(|(base, size)| within_mask(bus, mask, base, size).is_some());
+    if ram || pool {
+        Ok(())
+    } else {
+        Err(DmaError::MaskUnsupported { mask, lowest: lowest_ram })
+    }
+}
+
+#[cfg(target_os = "none")]
+pub use kernel::*;
+
+#[cfg(target_os = "none")]
+mod kernel {
+    use super::*;
+    use crate::dma::maint::PocOps;
+    use crate::dma::api::{CoherentRaw, DmaAttrs};
+    use crate::dma::bounce::{platform_pool, BouncePool};
+    use crate::dma::busmap::DmaAddr;
+    use crate::dma::contiguous::{dma_alloc_contiguous, dma_free_contiguous, ContiguousError};
+    use crate::dma::maint::{self, Direction};
+    use crate::dma::{Device, GfpFlags};
+
+    /// The pool `dev` bounces through: its own, else the platform's.
+    #[inline]
+    fn pool_for(dev: &Device) -> Option<&'static BouncePool> {
+        dev.own_bounce_pool().or_else(platform_pool)
+    }
+
+    fn va(phys: PhysAddr, size: u64) -> Result<usize, DmaError> {
+        usize::try_from(phys.0)
+            .ok()
+            .filter(|v| usize::try_from(size).is_ok_and(|s| v.checked_add(s).is_some()))
+            .ok_or(DmaError::NotCpuAddressable { phys, size })
+    }
+
+    fn for_device(phys: PhysAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+        maint::for_device(&mut PocOps, va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
+    }
+
+    fn for_cpu(phys: PhysAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+        maint::for_cpu(&mut PocOps, va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
+    }
+
+    #[inline]
+    fn needs_sync(dev: &Device, attrs: DmaAttrs) -> bool {
+        maint::needs_maintenance(dev.is_coherent()) && !attrs.contains(DmaAttrs::SKIP_CPU_SYNC)
+    }
+
+    /// See the module documentation.
+    #[inline]
+    pub fn map(dev: &Device, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let pool = pool_for(dev);
+        if !pool.is_some_and(BouncePool::is_forced) {
+            if let Some(dma) = dev.bus_addr_within_mask(phys, size) {
+                if needs_sync(dev, attrs) {
+                    for_device(phys, size, dir)?;
+                }
+                return Ok(dma);
+            }
+        }
+        map_bounced(dev, pool, phys, size, dir, attrs)
+    }
+
+    #[cold]
+    fn map_bounced(
+        dev: &Device,
+        pool: Option<&BouncePool>,
+        phys: PhysAddr,
+        size: u64,
+        dir: Direction,
+        attrs: DmaAttrs,
+    ) -> Result<DmaAddr, DmaError> {
+        let pool = pool.ok_or(DmaError::Unreachable { phys, size, mask: dev.mask() })?;
+        if dev.bus_addr_within_mask(pool.base(), pool.size()).is_none() {
+            return Err(DmaError::PoolUnreachable { pool: pool.base(), mask: dev.mask() });
+        }
+        let bounce = pool.map(phys, size)?;
+        let dma = match dev.bus_addr_within_mask(bounce, size) {
+            Some(d) => d,
+            None => {
+                let _ = pool.unmap(bounce, size, Direction::ToDevice);
+                return Err(DmaError::PoolUnreachable { pool: pool.base(), mask: dev.mask() });
+            }
+        };
+        if needs_sync(dev, attrs) {
+            if let Err(e) = for_device(bounce, size, dir) {
+                let _ = pool.unmap(bounce, size, Direction::ToDevice);
+                return Err(e);
+            }
+        }
+        Ok(dma)
+    }
+
+    /// The physical address behind `dma .. dma + size`, and the pool it lies in if bounced.
+    #[inline]
+    fn lookup(dev: &Device, dma: DmaAddr, size: u64) -> Result<(PhysAddr, Option<&'static BouncePool>), DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let phys = dev.bus_map().bus_to_phys(dma, size).ok_or(DmaError::NotMapped { dma, size })?;
+        Ok((phys, pool_for(dev).filter(|p| p.contains(phys))))
+    }
+
+    /// Ends a mapping: for a non-coherent device invalidates what the device wrote, for a bounced
+    /// mapping copies it back and frees the slots.
+    #[inline]
+    pub fn unmap(dev: &Device, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+        let (phys, pool) = lookup(dev, dma, size)?;
+        if needs_sync(dev, attrs) {
+            for_cpu(phys, size, dir)?;
+        }
+        match pool {
+            Some(p) => p.unmap(phys, size, dir),
+            None => Ok(()),
+        }
+    }
+
+    pub fn sync_for_cpu(dev: &Device, dma: DmaAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+        let (phys, pool) = lookup(dev, dma, size)?;
+        if needs_sync(dev, DmaAttrs::NONE) {
+            for_cpu(phys, size, dir)?;
+        }
+        match pool {
+            Some(p) => p.sync_for_cpu(phys, size, dir),
+            None => Ok(()),
+        }
+    }
+
+    pub fn sync_for_device(dev: &Device, dma: DmaAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+        let (phys, pool) = lookup(dev, dma, size)?;
+        if let Some(p) = pool {
+            p.sync_for_device(phys, size, dir)?;
+        }
+        if needs_sync(dev, DmaAttrs::NONE) {
+            for_device(phys, size, dir)?;
+        }
+        Ok(())
+    }
+
+    /// See the module documentation. The attributes change nothing here: the buffer is always
+    /// contiguous, and mapped (the linear map) even with `NO_KERNEL_MAPPING`, which only hides
+    /// the pointer.
+    pub fn alloc(dev: &Device, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let mut below = *dev;
+        loop {
+            let pages = dma_alloc_contiguous(&below, size, gfp).map_err(DmaError::NoMemory)?;
+            let bytes = pages.count * PAGE_SIZE;
+            let reach = within_mask(dev.bus_map(), dev.coherent_mask(), pages.phys, bytes);
+            match (reach, va(pages.phys, bytes)) {
+                (Some(dma), Ok(cpu)) => {
+                    // SAFETY: `bytes` of RAM just allocated for this buffer alone, mapped at
+                    // their physical address by the linear map (checked addressable above).
+                    unsafe { core::ptr::write_bytes(cpu as *mut u8, 0, bytes as usize) };
+                    if maint::needs_maintenance(dev.is_coherent()) {
+                        crate::arch::cache::clean_invalidate(cpu, bytes as usize);
+                    }
+                    return Ok(CoherentRaw { pages, dma, size, attrs });
+                }
+                (_, cpu) => {
+                    let low = pages.phys;
+                    dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free)?;
+                    cpu?;
+                    if low.0 == 0 {
+                        let count = size.div_ceil(PAGE_SIZE);
+                        return Err(DmaError::NoMemory(ContiguousError::NoMemory { count, limit: 0, blocking: gfp.can_block() }));
+                    }
+                    below = below.below(low.0);
+                }
+            }
+        }
+    }
+
+    pub fn free(dev: &Device, raw: CoherentRaw) -> Result<(), DmaError> {
+        dma_free_contiguous(dev, raw.pages).map_err(|_| DmaError::Free)
+    }
+
+    /// See [`mask_ok`]; the lowest RAM address comes from the boot memory map.
+    pub fn mask_supported(dev: &Device, mask: u64) -> Result<(), DmaError> {
+        let lowest = crate::kernel::boot_info().memmap.lock().ram().first().map_or(PhysAddr(0), |r| r.base());
+        mask_ok(dev.bus_map(), mask, lowest, pool_for(dev).map(|p| (p.base(), p.size())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::busmap::{DmaAddr, Window};
+
+    const RAM: PhysAddr = PhysAddr(0x4000_0000);
+
+    #[test]
+    fn masks_on_identity() {
+        let id = BusMap::IDENTITY;
+        // QEMU virt: RAM at 1 GiB, edu's default 28-bit mask reaches nothing.
+        assert_eq!(mask_ok(&id, 0x0fff_ffff, RAM, None), Err(DmaError::MaskUnsupported { mask: 0x0fff_ffff, lowest: RAM }));
+        assert_eq!(mask_ok(&id, 0x0fff_ffff, RAM, Some((PhysAddr(0x7c00_0000), 0x40_0000))).is_err(), true);
+        assert_eq!(mask_ok(&id, 0xffff_ffff, RAM, None), Ok(()));
+        // 30 bits reach no RAM, but a pool below 1 GiB would do.
+        assert!(mask_ok(&id, 0x3fff_ffff, RAM, None).is_err());
+        assert_eq!(mask_ok(&id, 0x3fff_ffff, PhysAddr(0x8000_0000), Some((PhysAddr(0x3000_0000), 0x10_0000))), Ok(()));
+        // The pool must fit entirely.
+        assert!(mask_ok(&id, 0x3007_ffff, PhysAddr(0x8000_0000), Some((PhysAddr(0x3000_0000), 0x10_0000))).is_err());
+    }
+
+    #[test]
+    fn masks_through_an_offset() {
+        // RAM at CPU 0 seen at bus 0xc000_0000 (Raspberry Pi 3 style): a 31-bit mask reaches nothing.
+        let w = Window::new(PhysAddr(0), DmaAddr(0xc000_0000), 0x4000_0000).unwrap();
+        let bus = BusMap::from_windows(&[w]).unwrap();
+        assert!(mask_ok(&bus, 0x7fff_ffff, PhysAddr(0), None).is_err());
+        assert_eq!(mask_ok(&bus, 0xffff_ffff, PhysAddr(0), None), Ok(()));
+        assert_eq!(within_mask(&bus, 0xffff_ffff, PhysAddr(0x1000), 0x1000), Some(DmaAddr(0xc000_1000)));
+        assert_eq!(within_mask(&bus, 0xc000_1fff, PhysAddr(0x1000), 0x1001), None);
+        assert_eq!(within_mask(&bus, 0xffff_ffff, PhysAddr(0x3fff_f000), 0x2000), None);
+        assert_eq!(within_mask(&bus, u64::MAX, PhysAddr(0x1000), 0), None);
+    }
+}

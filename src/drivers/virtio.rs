@@ -1,0 +1,204 @@
+//! virtio over MMIO (QEMU virt's `virtio,mmio` slots, modern interface) through the
+//! `virtio-drivers` crate, whose [`Hal`] is implemented here on the DMA API: `dma_alloc` is a
+//! coherent allocation, `share` / `unshare` a streaming map / unmap in the buffer's direction.
+//!
+//! The crate's `Hal` has no device argument, so one DMA [`Device`] serves every virtio-mmio slot:
+//! the one of the first `virtio,mmio` node (QEMU gives all slots the same bus and coherence).
+//! Its functions cannot return errors either: a failed allocation or mapping panics with the
+//! DMA layer's message (the crate would otherwise hand the device a bogus address).
+
+use alloc::collections::BTreeMap;
+use core::ptr::NonNull;
+
+use spin::{Mutex, Once};
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::transport::{DeviceType, Transport};
+use virtio_drivers::{BufferDirection, Hal};
+
+use crate::dma::api::{DmaAttrs, DmaCoherent};
+use crate::dma::busmap::DmaAddr;
+use crate::dma::maint::Direction;
+use crate::dma::{Device, GfpFlags};
+use crate::mm::addr::{PhysAddr, PAGE_SIZE};
+use crate::mm::kmap;
+
+pub const COMPATIBLE: &str = "virtio,mmio";
+
+static DMA_DEVICE: Once<Option<Device>> = Once::new();
+/// Live coherent allocations of the crate, by device address.
+static COHERENT: Mutex<BTreeMap<u64, DmaCoherent<'static>>> = Mutex::new(BTreeMap::new());
+
+/// The DMA device of the virtio-mmio slots; `None` if the DT has none (or a malformed one).
+pub fn dma_device() -> Option<&'static Device> {
+    DMA_DEVICE
+        .call_once(|| {
+            let info = crate::kernel::boot_info();
+            let node = info.dt.find_compatible(COMPATIBLE).next()?;
+            match Device::from_dt(&info.dt, &node) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    crate::println!("virtio: {}: {e}", node.path());
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn direction(d: BufferDirection) -> Direction {
+    match d {
+        BufferDirection::DriverToDevice => Direction::ToDevice,
+        BufferDirection::DeviceToDriver => Direction::FromDevice,
+        BufferDirection::Both => Direction::Bidirectional,
+    }
+}
+
+fn device() -> &'static Device {
+    dma_device().expect("virtio: a virtio device was probed without a virtio-mmio DT node")
+}
+
+/// The `virtio-drivers` HAL on the DMA API.
+pub struct VirtioHal;
+
+// SAFETY: `dma_alloc` returns zeroed, page-aligned, exclusively owned coherent memory and its
+// device address; `share` returns the device address of a live streaming mapping of exactly the
+// buffer; MMIO is mapped as device memory at its physical address.
+unsafe impl Hal for VirtioHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (u64, NonNull<u8>) {
+        let dev = device();
+        let buf = dev
+            .alloc_coherent(pages as u64 * PAGE_SIZE, GfpFlags::KERNEL, DmaAttrs::NONE)
+            .unwrap_or_else(|e| panic!("virtio: coherent allocation of {pages} pages: {e}"));
+        let (dma, ptr) = (buf.dma_addr().as_u64(), buf.cpu_ptr().expect("coherent buffers have a CPU mapping"));
+        COHERENT.lock().insert(dma, buf);
+        (dma, ptr)
+    }
+
+    unsafe fn dma_dealloc(paddr: u64, _vaddr: NonNull<u8>, _pages: usize) -> i32 {
+        match COHERENT.lock().remove(&paddr).map(DmaCoherent::free) {
+            Some(Ok(())) => 0,
+            _ => -1,
+        }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: u64, size: usize) -> NonNull<u8> {
+        let va = kmap::ioremap(paddr, size as u64).unwrap_or_else(|e| panic!("virtio: mapping MMIO {paddr:#x}: {e:?}"));
+        NonNull::new(va as *mut u8).expect("MMIO at address 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, dir: BufferDirection) -> u64 {
+        let phys = PhysAddr(buffer.as_ptr() as *mut u8 as u64);
+        device()
+            .map_phys(phys, buffer.len() as u64, direction(dir), DmaAttrs::NONE)
+            .unwrap_or_else(|e| panic!("virtio: mapping {} bytes at {phys}: {e}", buffer.len()))
+            .as_u64()
+    }
+
+    unsafe fn unshare(paddr: u64, buffer: NonNull<[u8]>, dir: BufferDirection) {
+        if let Err(e) = device().unmap_phys(DmaAddr(paddr), buffer.len() as u64, direction(dir), DmaAttrs::NONE) {
+            panic!("virtio: unmapping {paddr:#x}: {e}");
+        }
+    }
+}
+
+/// The transports of the populated virtio-mmio slots offering `kind`, in DT order.
+pub fn find(kind: DeviceType) -> alloc::vec::Vec<MmioTransport<'static>> {
+    let dt = &crate::kernel::boot_info().dt;
+    let mut found = alloc::vec::Vec::new();
+    for node in dt.find_compatible(COMPATIBLE) {
+        let Ok(reg) = dt.reg0(&node) else { continue };
+        let Ok(va) = kmap::ioremap(reg.base().as_u64(), reg.size()) else { continue };
+        let Some(header) = NonNull::new(va as *mut VirtIOHeader) else { continue };
+        // SAFETY: the slot's register block from the DT, mapped as device memory for good; each
+        // slot is probed by one caller at a time (the tests run one after another).
+        let Ok(t) = (unsafe { MmioTransport::new(header, reg.size() as usize) }) else { continue };
+        if t.device_type() == kind {
+            found.push(t);
+        }
+    }
+    found
+}
+
+mod ktests {
+    use super::*;
+    use crate::ktest::TestResult;
+    use crate::{kassert, kassert_eq, kskip, ktry};
+    use alloc::vec;
+    use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
+    use virtio_drivers::device::rng::VirtIORng;
+
+    /// The byte the test's disk image holds at `pos` (tests/dma.rs writes the same pattern).
+    fn image_byte(pos: u64) -> u8 {
+        let sector = pos / 512;
+        ((sector.wrapping_mul(31) ^ (pos % 512).wrapping_mul(7)) as u8) ^ 0x5a
+    }
+
+    /// The byte the kernel writes at `pos` of the second MiB (tests/dma.rs checks it afterwards).
+    fn written_byte(pos: u64) -> u8 {
+        ((pos.wrapping_mul(13) >> 3) as u8) ^ 0xa5
+    }
+
+    const MIB: usize = 1 << 20;
+    /// One request: well below the bounce pool's largest mapping (256 KiB).
+    const CHUNK: usize = 64 << 10;
+
+    fn blk() -> Result<VirtIOBlk<VirtioHal, MmioTransport<'static>>, crate::ktest::NotPassed> {
+        let Some(t) = find(DeviceType::Block).into_iter().next() else {
+            kskip!("no virtio-blk device (attach one with -device virtio-blk-device)");
+        };
+        Ok(ktry!(VirtIOBlk::<VirtioHal, _>::new(t)))
+    }
+
+    fn read_known_image() -> TestResult {
+        let mut blk = blk()?;
+        kassert!(blk.capacity() * SECTOR_SIZE as u64 >= 2 * MIB as u64, "disk of {} sectors, expected 2 MiB", blk.capacity());
+        let before = crate::dma::bounce::platform_pool().map(|p| p.stats().used);
+        let mut buf = vec![0u8; CHUNK];
+        for chunk in 0..MIB / CHUNK {
+            ktry!(blk.read_blocks(chunk * CHUNK / SECTOR_SIZE, &mut buf));
+            for (i, b) in buf.iter().enumerate() {
+                let pos = (chunk * CHUNK + i) as u64;
+                kassert_eq!(*b, image_byte(pos), "disk byte {pos:#x}");
+            }
+        }
+        kassert_eq!(crate::dma::bounce::platform_pool().map(|p| p.stats().used), before, "bounce slots leaked");
+        Ok(())
+    }
+
+    fn write_then_read_1mib() -> TestResult {
+        let mut blk = blk()?;
+        let mut buf = vec![0u8; CHUNK];
+        let first = MIB / SECTOR_SIZE;
+        for chunk in 0..MIB / CHUNK {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = written_byte((chunk * CHUNK + i) as u64);
+            }
+            ktry!(blk.write_blocks(first + chunk * CHUNK / SECTOR_SIZE, &buf));
+        }
+        for chunk in 0..MIB / CHUNK {
+            buf.fill(0);
+            ktry!(blk.read_blocks(first + chunk * CHUNK / SECTOR_SIZE, &mut buf));
+            for (i, b) in buf.iter().enumerate() {
+                let pos = (chunk * CHUNK + i) as u64;
+                kassert_eq!(*b, written_byte(pos), "read-back byte {pos:#x} of the second MiB");
+            }
+        }
+        ktry!(blk.flush());
+        Ok(())
+    }
+
+    fn rng_gives_entropy() -> TestResult {
+        let Some(t) = find(DeviceType::EntropySource).into_iter().next() else {
+            kskip!("no virtio-rng device (attach one with -device virtio-rng-device)");
+        };
+        let mut rng = ktry!(VirtIORng::<VirtioHal, _>::new(t));
+        let mut buf = [0u8; 256];
+        let n = ktry!(rng.request_entropy(&mut buf));
+        kassert!(n > 0, "no bytes");
+        // 256 random bytes are all zero with probability 2^-2048.
+        kassert!(buf[..n].iter().any(|&b| b != 0), "{n} zero bytes from the entropy source");
+        Ok(())
+    }
+
+    crate::ktest_suite!("virtio", [read_known_image, write_then_read_1mib, rng_gives_entropy]);
+}

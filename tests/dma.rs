@@ -1,0 +1,140 @@
+//! The DMA matrix: aarch64 and armv7 virt, each plain, with `swiotlb=force` and with
+//! `dma.noncoherent`, with real bus masters attached: QEMU's `edu` (32-bit DMA mask) for the
+//! streaming, coherent and scatter-gather suites, a virtio-blk disk image this test writes with
+//! a known pattern (the kernel reads it and writes the second MiB, which is checked here after
+//! the run) and virtio-rng. A last configuration keeps edu's default 28-bit mask, which cannot
+//! reach RAM at 1 GiB: the kernel must refuse the mask and the mapping.
+
+mod common;
+use common::{boot, path_str, root, Boot};
+use std::path::PathBuf;
+
+const SUITES: &str = "ktest.filter=dma_api,virtio";
+const MIB: usize = 1 << 20;
+
+/// What the image holds at `pos` before the run (src/drivers/virtio.rs `image_byte`).
+fn image_byte(pos: u64) -> u8 {
+    let sector = pos / 512;
+    ((sector.wrapping_mul(31) ^ (pos % 512).wrapping_mul(7)) as u8) ^ 0x5a
+}
+
+/// What the kernel writes at `pos` of the second MiB (src/drivers/virtio.rs `written_byte`).
+fn written_byte(pos: u64) -> u8 {
+    ((pos.wrapping_mul(13) >> 3) as u8) ^ 0xa5
+}
+
+fn disk(name: &str) -> PathBuf {
+    let dir = root().join("target/dma-disks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.img"));
+    let img: Vec<u8> = (0..2 * MIB as u64).map(image_byte).collect();
+    std::fs::write(&path, img).unwrap();
+    path
+}
+
+fn machine(arch: &str) -> &'static [&'static str] {
+    match arch {
+        "aarch64" => &["-M", "virt"],
+        _ => &["-M", "virt,highmem=off"],
+    }
+}
+
+fn run(arch: &str, name: &str, append: &str, edu_mask: &str) -> (Boot, PathBuf) {
+    let img = disk(&format!("{arch}-{}", name.replace(['=', '.', ' '], "_")));
+    let append = format!("{append} {SUITES} edu.dma_mask={edu_mask}");
+    let drive = format!("file={},if=none,format=raw,id=d0", path_str(&img));
+    let edu = format!("edu,dma_mask={edu_mask}");
+    let mut opts: Vec<&str> = vec!["--append", &append, "--"];
+    opts.extend_from_slice(machine(arch));
+    opts.extend_from_slice(&["-device", &edu, "-drive", &drive, "-device", "virtio-blk-device,drive=d0", "-device", "virtio-rng-device"]);
+    (boot(&format!("{arch} {name}"), arch, &opts), img)
+}
+
+fn check_disk(b: &Boot, img: &PathBuf) {
+    let data = std::fs::read(img).unwrap();
+    for (i, v) in data[..MIB].iter().enumerate() {
+        assert_eq!(*v, image_byte(i as u64), "[{}] first MiB changed at {i:#x}", b.name);
+    }
+    for (i, v) in data[MIB..2 * MIB].iter().enumerate() {
+        assert_eq!(*v, written_byte(i as u64), "[{}] the kernel's write is wrong at {:#x}", b.name, MIB + i);
+    }
+}
+
+fn full(arch: &str, name: &str, append: &str) {
+    let (b, img) = run(arch, name, append, "0xffffffff");
+    b.assert_passed();
+    for case in [
+        "coherent_alloc_sizes",
+        "coherent_attrs",
+        "coherent_mask_respected",
+        "mask_errors",
+        "bounce_by_reach",
+        "bounce_exhaustion",
+        "edu_round_trip_streaming",
+        "edu_round_trip_bidirectional_and_coherent",
+        "edu_scatter_gather",
+    ] {
+        b.assert_case_passed("dma_api", case);
+    }
+    for case in ["read_known_image", "write_then_read_1mib", "rng_gives_entropy"] {
+        b.assert_case_passed("virtio", case);
+    }
+    if append.contains("swiotlb=force") {
+        b.assert_case_passed("dma_api", "forced_bounce").assert_log_contains(", forced");
+    } else {
+        b.assert_case_skipped("dma_api", "forced_bounce");
+    }
+    if append.contains("dma.noncoherent") {
+        b.assert_log_contains("dma: every device treated as non-coherent");
+    }
+    check_disk(&b, &img);
+}
+
+fn default_mask(arch: &str) {
+    let (b, _) = run(arch, "edu 28-bit", "", "0xfffffff");
+    b.assert_passed();
+    b.assert_case_passed("dma_api", "edu_default_mask_refused");
+    b.assert_case_skipped("dma_api", "edu_round_trip_streaming");
+    b.assert_log_contains("# edu: set_mask(0xfffffff) refused: DMA mask 0xfffffff reaches neither RAM");
+    b.assert_log_contains("# edu: map under mask 0xfffffff refused: ");
+}
+
+#[test]
+fn aarch64_plain() {
+    full("aarch64", "plain", "");
+}
+
+#[test]
+fn aarch64_swiotlb_force() {
+    full("aarch64", "swiotlb=force", "swiotlb=force");
+}
+
+#[test]
+fn aarch64_noncoherent() {
+    full("aarch64", "dma.noncoherent", "dma.noncoherent");
+}
+
+#[test]
+fn aarch64_edu_default_mask() {
+    default_mask("aarch64");
+}
+
+#[test]
+fn armv7_plain() {
+    full("armv7", "plain", "");
+}
+
+#[test]
+fn armv7_swiotlb_force() {
+    full("armv7", "swiotlb=force", "swiotlb=force");
+}
+
+#[test]
+fn armv7_noncoherent() {
+    full("armv7", "dma.noncoherent", "dma.noncoherent");
+}
+
+#[test]
+fn armv7_edu_default_mask() {
+    default_mask("armv7");
+}
