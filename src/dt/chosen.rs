@@ -73,10 +73,6 @@ impl<'a> DeviceTree<'a> {
             Some((p, o)) => (p, Some(o).filter(|o| !o.is_empty())),
             None => (value, None),
         };
-        let not_found = DtError::NotFound {
-            what: "stdout-path target",
-            name: Name::new(path),
-        };
         let node = if path.starts_with('/') {
             self.find_node(path)
         } else {
@@ -87,7 +83,10 @@ impl<'a> DeviceTree<'a> {
             }
         };
         node.map(|node| Some(StdoutPath { node, options }))
-            .ok_or(not_found)
+            .ok_or_else(|| DtError::NotFound {
+                what: "stdout-path target",
+                name: Name::new(path),
+            })
     }
 
     /// The `/aliases` entry naming `node`, if any (e.g. to report "serial0").

@@ -41,7 +41,7 @@ impl<'a> Iterator for Cpus<'a> {
 }
 
 fn cpu(node: Node<'_>, cells: Cells) -> Result<Cpu<'_>, DtError> {
-    let reg = node.property("reg").ok_or(DtError::NotFound {
+    let reg = node.property("reg").ok_or_else(|| DtError::NotFound {
         what: "reg of cpu node",
         name: node.short_name(),
     })?;
@@ -87,7 +87,7 @@ impl<'a> DeviceTree<'a> {
     /// The CPU nodes under `/cpus`. Errors if `/cpus` is missing or its `#address-cells` is not
     /// 1 or 2 (items are errors for CPU nodes without a usable `reg`).
     pub fn cpus(&self) -> Result<Cpus<'a>, DtError> {
-        let cpus = self.find_node("/cpus").ok_or(DtError::NotFound {
+        let cpus = self.find_node("/cpus").ok_or_else(|| DtError::NotFound {
             what: "node",
             name: Name::new("/cpus"),
         })?;
@@ -115,13 +115,16 @@ impl<'a> DeviceTree<'a> {
     /// if there is none or it is not available; an error if `method` is missing or unknown.
     pub fn psci(&self) -> Result<Option<Psci<'a>>, DtError> {
         let node = self.find_node("/psci").or_else(|| {
-            self.nodes()
-                .find(|n| PSCI_COMPATIBLES.iter().any(|c| n.is_compatible(c)))
+            // Each node's `compatible` decoded once, not once per binding.
+            self.nodes().find(|n| {
+                let compat = n.compatible();
+                PSCI_COMPATIBLES.iter().any(|c| compat.contains(c))
+            })
         });
         let Some(node) = node.filter(|n| n.is_available()) else {
             return Ok(None);
         };
-        let method_p = node.property("method").ok_or(DtError::NotFound {
+        let method_p = node.property("method").ok_or_else(|| DtError::NotFound {
             what: "method of PSCI node",
             name: node.short_name(),
         })?;

@@ -2,7 +2,7 @@
 //! `/memreserve/` map, and the `/reserved-memory` children. This module only reports what the tree
 //! says; `mm::memmap` checks it for consistency and builds the boot memory map.
 
-use super::blob::{be64, AllNodes, Children, Node, Status, StrList};
+use super::blob::{be64, AllNodes, Blob, Children, Landmarks, Node, Status, StrList};
 use super::error::{DtError, Name};
 use super::translate::{Cells, RangesProp, TranslatedRegs};
 use super::DeviceTree;
@@ -48,7 +48,7 @@ impl Iterator for MemReserves<'_> {
                 continue;
             }
             return Some(
-                Region::new(PhysAddr::new(addr), size).ok_or(DtError::Overflow {
+                Region::new(PhysAddr::new(addr), size).ok_or_else(|| DtError::Overflow {
                     node: Name::new("/memreserve/"),
                     base: addr,
                     size,
@@ -64,8 +64,39 @@ impl Iterator for MemReserves<'_> {
 /// zero-sized entries are skipped (downstream Pi trees carry `reg = <0 0>` for the firmware to
 /// fill in).
 pub struct MemoryRegions<'a> {
-    nodes: AllNodes<'a>,
+    nodes: MemoryNodes<'a>,
     current: Option<TranslatedRegs<'a>>,
+}
+
+/// The nodes [`MemoryRegions`] looks at: the validator's list of candidates when it has one,
+/// otherwise every node.
+enum MemoryNodes<'a> {
+    /// The `next`th candidate of `landmarks` is the next node to look at.
+    Listed {
+        blob: Blob<'a>,
+        landmarks: Landmarks,
+        next: usize,
+    },
+    All(AllNodes<'a>),
+}
+
+impl<'a> Iterator for MemoryNodes<'a> {
+    type Item = Node<'a>;
+
+    fn next(&mut self) -> Option<Node<'a>> {
+        match self {
+            MemoryNodes::Listed {
+                blob,
+                landmarks,
+                next,
+            } => {
+                let off = *landmarks.memory_candidates()?.get(*next)?;
+                *next += 1;
+                blob.node_at(off as usize)
+            }
+            MemoryNodes::All(all) => all.next(),
+        }
+    }
 }
 
 impl Iterator for MemoryRegions<'_> {
@@ -223,8 +254,16 @@ impl<'a> DeviceTree<'a> {
 
     /// The RAM regions (see [`MemoryRegions`]).
     pub fn memory(&self) -> MemoryRegions<'a> {
+        let nodes = match self.landmarks.memory_candidates() {
+            Some(_) => MemoryNodes::Listed {
+                blob: self.blob,
+                landmarks: self.landmarks,
+                next: 0,
+            },
+            None => MemoryNodes::All(self.nodes()),
+        };
         MemoryRegions {
-            nodes: self.nodes(),
+            nodes,
             current: None,
         }
     }

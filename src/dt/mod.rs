@@ -15,9 +15,9 @@
 //! complete parser anyway, so the walker here is our own (blob.rs); the host tests use `fdt` as an
 //! independent reference on the NOP-free fixtures.
 //!
-//! Layout: `blob` (encoding, `Node`, `Property`), `translate` (cells, `reg`, `ranges`), `chosen`
-//! (command line, initrd, console), `cpus` (CPUs, PSCI), `memory` (/memory, /memreserve/,
-//! /reserved-memory), `error`.
+//! Layout: `blob` (encoding, validator, node index, `Node`, `Property`), `translate` (cells, `reg`,
+//! `ranges`), `chosen` (command line, initrd, console), `cpus` (CPUs, PSCI), `memory` (/memory,
+//! /memreserve/, /reserved-memory), `error`.
 
 mod blob;
 mod chosen;
@@ -27,8 +27,8 @@ mod memory;
 mod translate;
 
 pub use blob::{
-    AllNodes, Ancestry, Children, Node, NodePath, Properties, Property, Status, StrList, U32s,
-    HEADER_SIZE, MAX_DEPTH, MAX_TOTALSIZE,
+    AllNodes, Ancestry, Children, Node, NodeIndex, NodePath, Properties, Property, Status, StrList,
+    U32s, HEADER_SIZE, MAX_DEPTH, MAX_INDEXED_NODES, MAX_TOTALSIZE,
 };
 pub use chosen::StdoutPath;
 pub use cpus::{Cpu, Cpus, Psci, PsciMethod};
@@ -41,7 +41,13 @@ pub use translate::{
 
 use crate::mm::addr::PhysAddr;
 use crate::mm::memmap::Region;
-use blob::{be32, Blob, FDT_MAGIC};
+use blob::{be32, Blob, Landmarks, FDT_MAGIC};
+
+/// The index storage for the boot loader's tree: handed for good to the first tree that
+/// [`DeviceTree::from_ptr`] opens successfully. A spin lock that is never unlocked once taken,
+/// rather than a `static mut`, so that no `unsafe` is needed and a second `from_ptr` (which cannot
+/// take it) simply gets a tree without an index.
+static BOOT_INDEX: spin::Mutex<NodeIndex> = spin::Mutex::new(NodeIndex::new());
 
 /// Longest chain of phandle references followed before declaring a cycle.
 pub const MAX_PHANDLE_HOPS: u32 = 32;
@@ -94,7 +100,16 @@ fn block_range(
     Ok(start as usize..end as usize)
 }
 
-/// A validated device tree. Cheap to copy (a few slices).
+/// A validated device tree. Cheap to copy (a few slices and a reference to its node index, if it
+/// has one).
+///
+/// Where the index lives: it is about 9 KiB, too big to copy with every `DeviceTree` and `Node`,
+/// and must live as long as the tree, which is opened before any heap exists. So it is storage the
+/// caller provides ([`DeviceTree::from_bytes_indexed`]); [`DeviceTree::from_ptr`] uses a `static`
+/// slot for the one tree the kernel boots from, and [`DeviceTree::from_bytes`] builds no index.
+/// Statics would not do for every tree: host tests open many trees at once on several threads. A
+/// tree without an index answers every query the same, only more slowly (its walks start from the
+/// root).
 #[derive(Clone, Copy)]
 pub struct DeviceTree<'a> {
     /// The blob, exactly `totalsize` bytes.
@@ -106,6 +121,8 @@ pub struct DeviceTree<'a> {
     boot_cpuid_phys: u32,
     /// Physical address of the blob (see [`DeviceTree::phys_region`]).
     phys: PhysAddr,
+    /// Where `/chosen`, `/cpus`, the memory nodes, ... are.
+    landmarks: Landmarks,
 }
 
 impl core::fmt::Debug for DeviceTree<'_> {
@@ -122,7 +139,36 @@ impl<'a> DeviceTree<'a> {
     /// required: every field is read bytewise. The blob's physical address is assumed to be the
     /// slice's address (true while the MMU is off or identity-maps it); override it with
     /// [`DeviceTree::with_phys_base`] otherwise.
+    ///
+    /// The tree gets no node index (see [`DeviceTree::from_bytes_indexed`]).
     pub fn from_bytes(bytes: &'a [u8]) -> Result<DeviceTree<'a>, DtError> {
+        Self::open(bytes, None).map(|(dt, _)| dt)
+    }
+
+    /// As [`DeviceTree::from_bytes`], and fills `index` with the tree's node index, which makes
+    /// parent, sibling and path lookups cheap (see the type's documentation). A tree with more
+    /// than [`MAX_INDEXED_NODES`] nodes is opened all the same, without an index.
+    pub fn from_bytes_indexed(
+        bytes: &'a [u8],
+        index: &'a mut NodeIndex,
+    ) -> Result<DeviceTree<'a>, DtError> {
+        match Self::open(bytes, Some(&mut *index))? {
+            (dt, true) => Ok(dt.with_index(index)),
+            (dt, false) => Ok(dt),
+        }
+    }
+
+    /// Whether the tree has a node index (see [`DeviceTree::from_bytes_indexed`]).
+    pub fn is_indexed(&self) -> bool {
+        self.blob.index.is_some()
+    }
+
+    /// Validates the blob, filling `index` if given, and returns the tree (without the index) and
+    /// whether `index` now describes it.
+    fn open(
+        bytes: &'a [u8],
+        index: Option<&mut NodeIndex>,
+    ) -> Result<(DeviceTree<'a>, bool), DtError> {
         let addr = bytes.as_ptr() as usize as u64;
         let have = bytes.len() as u64;
         let magic = be32(bytes, 0).ok_or(DtError::Truncated {
@@ -182,17 +228,32 @@ impl<'a> DeviceTree<'a> {
         let blob = Blob {
             structs: bytes.get(structs).unwrap_or_default(),
             strings: bytes.get(strings).unwrap_or_default(),
+            index: None,
         };
         let rsvmap = memory::rsvmap_entries(bytes, rsv_start)?;
-        let root = blob.validate()?;
-        Ok(DeviceTree {
+        let found = blob.validate(index)?;
+        let root = blob.node_at(found.root).ok_or(DtError::Structure {
+            offset: found.root as u32,
+            what: "no root node",
+        })?;
+        let dt = DeviceTree {
             bytes,
             blob,
             root,
             rsvmap,
             boot_cpuid_phys: h.boot_cpuid_phys,
             phys: PhysAddr::new(addr),
-        })
+            landmarks: found.landmarks,
+        };
+        Ok((dt, found.indexed))
+    }
+
+    /// The same tree, served through `index`, which the validator must have filled from this
+    /// very blob (see `open`).
+    fn with_index(mut self, index: &'a NodeIndex) -> Self {
+        self.blob.index = Some(index);
+        self.root.blob.index = Some(index);
+        self
     }
 
     /// Opens the device tree the boot loader left at `ptr` (x0 on arm64, r2 on arm).
@@ -200,6 +261,11 @@ impl<'a> DeviceTree<'a> {
     /// Checks, before building any slice longer than the header: not null, 8-byte aligned (the
     /// spec's requirement), the magic, and a plausible `totalsize`; then validates the whole blob
     /// as [`DeviceTree::from_bytes`] does.
+    ///
+    /// The first tree this opens successfully gets the node index kept in a `static` (the kernel
+    /// calls this once, for the tree it boots from); later ones get none. Taking that slot is an
+    /// atomic operation, so call this with the MMU on, as the kernel does (the checks before
+    /// validation, which are all the boot path needs with the MMU off, touch no atomic).
     ///
     /// # Safety
     /// If `ptr` is non-null and aligned, it must be readable for 4 bytes; if those hold the FDT
@@ -231,7 +297,16 @@ impl<'a> DeviceTree<'a> {
         // SAFETY: the caller guarantees `totalsize` (checked to be at most MAX_TOTALSIZE and not
         // to wrap the address space) readable, unmodified bytes at `ptr` for 'static.
         let bytes = unsafe { core::slice::from_raw_parts(ptr, totalsize as usize) };
-        DeviceTree::from_bytes(bytes)
+        let Some(mut slot) = BOOT_INDEX.try_lock() else {
+            return DeviceTree::from_bytes(bytes);
+        };
+        // Validate into the slot while holding the lock; keep it (by leaking the guard, so that
+        // the lock is never released) only for a tree that opened with a complete index, so a
+        // refused blob leaves the slot to the next caller.
+        match DeviceTree::open(bytes, Some(&mut slot))? {
+            (dt, true) => Ok(dt.with_index(spin::MutexGuard::leak(slot))),
+            (dt, false) => Ok(dt),
+        }
     }
 
     /// The same tree, recorded as living at physical address `base` (for when the blob is read
@@ -267,10 +342,7 @@ impl<'a> DeviceTree<'a> {
 
     /// Every node, depth-first in blob order (root first).
     pub fn nodes(&self) -> AllNodes<'a> {
-        AllNodes {
-            blob: self.blob,
-            pos: Some(0),
-        }
+        AllNodes::new(self.blob)
     }
 
     /// The node at an absolute path such as `/soc/serial@7e201000`. A component without a unit
@@ -278,7 +350,10 @@ impl<'a> DeviceTree<'a> {
     /// No alias resolution (see [`DeviceTree::alias`]).
     pub fn find_node(&self, path: &str) -> Option<Node<'a>> {
         let rest = path.strip_prefix('/')?;
-        self.find_relative(self.root, rest)
+        match self.landmarks.find(rest) {
+            Some(found) => found.and_then(|off| self.blob.node_at(off)),
+            None => self.find_relative(self.root, rest),
+        }
     }
 
     fn find_relative(&self, from: Node<'a>, rel: &str) -> Option<Node<'a>> {
@@ -356,7 +431,7 @@ impl<'a> DeviceTree<'a> {
         for _ in 0..MAX_PHANDLE_HOPS {
             let next = match self.phandle_ref(&cur, "interrupt-parent")? {
                 Some(n) => n,
-                None => cur.parent().ok_or(DtError::NotFound {
+                None => cur.parent().ok_or_else(|| DtError::NotFound {
                     what: "interrupt parent (reached the root) of node",
                     name: node.short_name(),
                 })?,
@@ -383,10 +458,12 @@ impl<'a> DeviceTree<'a> {
         if !path.starts_with('/') {
             return Err(prop.error("alias is not an absolute path"));
         }
-        self.find_node(path).map(Some).ok_or(DtError::NotFound {
-            what: "node named by alias",
-            name: Name::new(path),
-        })
+        self.find_node(path)
+            .map(Some)
+            .ok_or_else(|| DtError::NotFound {
+                what: "node named by alias",
+                name: Name::new(path),
+            })
     }
 
     /// The CPU physical regions of `node`'s `reg`, translated through every parent bus's `ranges`.
@@ -402,10 +479,12 @@ impl<'a> DeviceTree<'a> {
     pub fn reg0(&self, node: &Node<'a>) -> Result<Region, DtError> {
         self.reg(node)?
             .and_then(|mut r| r.next())
-            .unwrap_or(Err(DtError::NotFound {
-                what: "reg of node",
-                name: node.short_name(),
-            }))
+            .unwrap_or_else(|| {
+                Err(DtError::NotFound {
+                    what: "reg of node",
+                    name: node.short_name(),
+                })
+            })
     }
 }
 
@@ -765,6 +844,295 @@ mod tests {
         ));
     }
 
+    /// Strings block for the trees of the index and landmark tests, with the offset of each name.
+    const NAMES: &[u8] = b"reg\0device_type\0status\0#address-cells\0#size-cells\0";
+    const REG: u32 = 0;
+    const DEVICE_TYPE: u32 = 4;
+    const STATUS: u32 = 16;
+    const ADDRESS_CELLS: u32 = 23;
+    const SIZE_CELLS: u32 = 38;
+
+    fn cell(v: u32) -> [u8; 4] {
+        v.to_be_bytes()
+    }
+
+    /// `node.child(name)` as first written (two passes over the children, names decoded): the
+    /// model for the one-pass, in-place comparison.
+    fn child_model<'a>(node: &Node<'a>, name: &str) -> Option<Node<'a>> {
+        node.children().find(|c| c.name() == name).or_else(|| {
+            if name.contains('@') {
+                None
+            } else {
+                node.children().find(|c| c.base_name() == name)
+            }
+        })
+    }
+
+    #[test]
+    fn child_lookup_follows_the_libfdt_rule() {
+        use T::*;
+        let t = tokens(&[
+            Begin(""),
+            Begin("a@1"),
+            End,
+            Begin("a"),
+            End,
+            Begin("a@2"),
+            End,
+            Begin("b@1"),
+            End,
+            Begin("@x"),
+            End,
+            Begin("bb"),
+            End,
+            End,
+            Finish,
+        ]);
+        let blob = build(&t, STRINGS);
+        let mut index = NodeIndex::new();
+        for dt in [
+            open(&blob),
+            DeviceTree::from_bytes_indexed(&blob, &mut index).unwrap(),
+        ] {
+            let root = dt.root();
+            let found = |q| root.child(q).map(|n| n.name());
+            assert_eq!(
+                found("a"),
+                Some("a"),
+                "an exact name beats an earlier base name"
+            );
+            assert_eq!(found("a@2"), Some("a@2"));
+            assert_eq!(found("b"), Some("b@1"));
+            assert_eq!(
+                found("b@"),
+                None,
+                "a unit address turns the base-name rule off"
+            );
+            assert_eq!(found(""), Some("@x"), "`@x` has an empty base name");
+            assert_eq!(found("bbb"), None);
+        }
+        // And on every fixture, against the model.
+        for (name, bytes) in VALID {
+            let mut index = NodeIndex::new();
+            for dt in [
+                open(bytes),
+                DeviceTree::from_bytes_indexed(bytes, &mut index).unwrap(),
+            ] {
+                for node in dt.nodes().take(40) {
+                    let names: Vec<&str> = node.children().take(12).map(|c| c.name()).collect();
+                    let queries = names.iter().flat_map(|n| {
+                        [
+                            *n,
+                            n.split('@').next().unwrap_or(n),
+                            n.get(..3).unwrap_or(n),
+                        ]
+                    });
+                    for q in queries.chain(["", "@", "zz"]) {
+                        assert_eq!(node.child(q), child_model(&node, q), "{name}: {q:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn landmarks_follow_the_lookup_rule() {
+        use T::*;
+        let t = tokens(&[
+            Begin(""),
+            Begin("chosen@1"),
+            End,
+            Begin("chosen"),
+            End,
+            Begin("cpus@0"),
+            End,
+            Begin("cpus@1"),
+            End,
+            Begin("psci-x"),
+            End,
+            Begin("soc"),
+            Begin("aliases"),
+            End,
+            Begin("reserved-memory"),
+            End,
+            End,
+            End,
+            Finish,
+        ]);
+        let blob = build(&t, STRINGS);
+        let mut index = NodeIndex::new();
+        for dt in [
+            open(&blob),
+            DeviceTree::from_bytes_indexed(&blob, &mut index).unwrap(),
+        ] {
+            let found = |p| dt.find_node(p).map(|n| n.name());
+            assert_eq!(found("/chosen"), Some("chosen"));
+            assert_eq!(found("/cpus"), Some("cpus@0"));
+            assert_eq!(found("/psci"), None);
+            assert_eq!(found("/aliases"), None, "only children of the root count");
+            assert_eq!(found("/reserved-memory"), None);
+            assert_eq!(found("/soc/aliases"), Some("aliases"));
+        }
+        for (name, bytes) in VALID {
+            let mut index = NodeIndex::new();
+            for dt in [
+                open(bytes),
+                DeviceTree::from_bytes_indexed(bytes, &mut index).unwrap(),
+            ] {
+                for l in ["chosen", "aliases", "cpus", "psci", "reserved-memory"] {
+                    let walked = child_model(&dt.root(), l);
+                    assert_eq!(dt.find_node(&format!("/{l}")), walked, "{name}: {l}");
+                }
+            }
+        }
+    }
+
+    /// A root with #address-cells = #size-cells = 1 and the given children: (name, device_type,
+    /// status, reg base). `device_type` may be two values, the first one counting.
+    fn memory_tree(nodes: &[(&str, &[&str], Option<&str>, u32)]) -> Vec<u8> {
+        let mut t = tokens(&[T::Begin("")]);
+        let prop = |t: &mut Vec<u8>, name: u32, value: &[u8]| {
+            t.extend_from_slice(&tokens(&[T::Prop(name, value)]));
+        };
+        prop(&mut t, ADDRESS_CELLS, &cell(1));
+        prop(&mut t, SIZE_CELLS, &cell(1));
+        for (name, types, status, base) in nodes {
+            t.extend_from_slice(&tokens(&[T::Begin(name)]));
+            for ty in *types {
+                prop(&mut t, DEVICE_TYPE, format!("{ty}\0").as_bytes());
+            }
+            if let Some(st) = status {
+                prop(&mut t, STATUS, format!("{st}\0").as_bytes());
+            }
+            prop(&mut t, REG, &[cell(*base), cell(0x1000)].concat());
+            t.extend_from_slice(&tokens(&[T::End]));
+        }
+        t.extend_from_slice(&tokens(&[T::End, T::Finish]));
+        build(&t, NAMES)
+    }
+
+    /// RAM as `DeviceTree::memory` should find it: every available node whose (first)
+    /// `device_type` is "memory", in blob order, found by looking at every node.
+    fn memory_model(dt: &DeviceTree<'_>) -> Vec<(u64, u64)> {
+        dt.nodes()
+            .filter(|n| n.device_type() == Some("memory") && n.is_available())
+            .flat_map(|n| dt.reg(&n).unwrap().unwrap())
+            .map(|r| {
+                let r = r.unwrap();
+                (r.base().as_u64(), r.size())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn memory_nodes_are_found_without_a_scan() {
+        let names: Vec<String> = (0..12).map(|i| format!("mem@{i:x}")).collect();
+        let few: Vec<(&str, &[&str], Option<&str>, u32)> = vec![
+            ("cpu@0", &["cpu"], None, 0x100),
+            (&names[0], &["memory"], None, 0x4000_0000),
+            ("twice", &["memory", "memory"], None, 0x5000_0000),
+            ("cpu-first", &["cpu", "memory"], None, 0x6000_0000),
+            ("off", &["memory"], Some("disabled"), 0x7000_0000),
+            (&names[1], &["memory"], Some("okay"), 0x8000_0000),
+        ];
+        // More memory nodes than the validator lists: then every node is looked at.
+        let mut many = few.clone();
+        many.extend(names[2..].iter().enumerate().map(|(i, n)| {
+            (
+                n.as_str(),
+                &["memory"][..],
+                None,
+                0x9000_0000 + i as u32 * 0x1000,
+            )
+        }));
+        for (nodes, expect) in [(&few, 3), (&many, 13)] {
+            let blob = memory_tree(nodes);
+            let mut index = NodeIndex::new();
+            for dt in [
+                open(&blob),
+                DeviceTree::from_bytes_indexed(&blob, &mut index).unwrap(),
+            ] {
+                let found: Vec<_> = dt
+                    .memory()
+                    .map(|r| {
+                        let r = r.unwrap();
+                        (r.base().as_u64(), r.size())
+                    })
+                    .collect();
+                assert_eq!(found, memory_model(&dt));
+                assert_eq!(found.len(), expect);
+            }
+        }
+    }
+
+    #[test]
+    fn index_is_optional_beyond_its_capacity() {
+        for n in [MAX_INDEXED_NODES - 1, MAX_INDEXED_NODES] {
+            // A root and `n` children: the index holds MAX_INDEXED_NODES nodes.
+            let names: Vec<String> = (0..n).map(|i| format!("n@{i:x}")).collect();
+            let mut ts = vec![T::Begin("")];
+            for name in &names {
+                ts.extend([T::Begin(name), T::End]);
+            }
+            ts.extend([T::End, T::Finish]);
+            let blob = build(&tokens(&ts), STRINGS);
+            let mut index = NodeIndex::new();
+            assert!(same_with_index(&blob, &mut index, 50));
+            let dt = DeviceTree::from_bytes_indexed(&blob, &mut index).unwrap();
+            assert_eq!(dt.is_indexed(), n < MAX_INDEXED_NODES, "{n} children");
+            assert_eq!(dt.nodes().count(), n + 1);
+            let last = dt.find_node(&format!("/n@{:x}", n - 1)).unwrap();
+            assert_eq!(last.parent(), Some(dt.root()));
+            assert_eq!(last.depth(), 2);
+            assert_eq!(dt.root().children().count(), n);
+        }
+    }
+
+    #[test]
+    fn property_names_outside_clean_strings_blocks() {
+        use T::*;
+        // "compatible" at 0, an unreferenced stray byte and "bad" at 11, "reg" at 16, and an
+        // unterminated "ab" at 20: names are then checked one by one.
+        let strings = b"compatible\0\x01bad\0reg\0ab";
+        let opened = |nameoff| {
+            let t = tokens(&[Begin(""), Prop(nameoff, b""), End, Finish]);
+            let blob = build(&t, strings);
+            let mut index = NodeIndex::new();
+            same_with_index(&blob, &mut index, usize::MAX);
+            DeviceTree::from_bytes(&blob).map(|dt| dt.root().properties().count())
+        };
+        assert_eq!(opened(0), Ok(1));
+        assert_eq!(opened(16), Ok(1));
+        assert_eq!(opened(13), Ok(1), "the tail \"d\" of \"bad\" is a name");
+        let refused = DtError::Structure {
+            offset: 8,
+            what: "property name offset outside the strings block, unterminated or invalid",
+        };
+        assert_eq!(opened(11), Err(refused));
+        assert_eq!(opened(20), Err(refused));
+        assert_eq!(opened(22), Err(refused));
+    }
+
+    #[test]
+    fn from_ptr_indexes_one_tree_only() {
+        let mut aligned = vec![0u64; QEMU_VIRT_A53_128M.len().div_ceil(8)];
+        let bytes: &mut [u8] = unsafe {
+            // SAFETY (test): the Vec<u64> owns len * 8 initialised bytes, 8-byte aligned.
+            core::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast(), aligned.len() * 8)
+        };
+        bytes[..QEMU_VIRT_A53_128M.len()].copy_from_slice(QEMU_VIRT_A53_128M);
+        // SAFETY (test): the buffer holds a complete, valid blob and outlives both trees.
+        let (first, second) = unsafe {
+            (
+                DeviceTree::from_ptr(bytes.as_ptr()).unwrap(),
+                DeviceTree::from_ptr(bytes.as_ptr()).unwrap(),
+            )
+        };
+        // Whichever test opened a tree first took the static index: this second one cannot.
+        assert!(!second.is_indexed());
+        assert_eq!(answers(&first, usize::MAX), answers(&second, usize::MAX));
+    }
+
     #[test]
     fn from_ptr_checks_before_reading() {
         // SAFETY (test): null and misaligned pointers are rejected before any read.
@@ -980,53 +1348,172 @@ mod tests {
         assert_eq!(reg.as_u64(), Ok(0x7e21_5040_0000_0040));
     }
 
-    /// Runs every query on a tree (the per-node ones on its first `max_nodes` nodes) and ignores
-    /// the results: for the robustness tests.
-    fn exercise(dt: &DeviceTree<'_>, max_nodes: usize) {
+    /// The answers to every query on a tree (the per-node ones on its first `max_nodes` nodes),
+    /// printed: for comparing a tree served through its index with the same tree walked from the
+    /// root, and for the robustness tests, which need the queries to terminate without panicking.
+    fn answers(dt: &DeviceTree<'_>, max_nodes: usize) -> Vec<String> {
+        let mut out = Vec::new();
         for node in dt.nodes().take(max_nodes) {
-            let _ = format!("{:?} {:?} {:?}", node, node.compatible(), node.status());
+            let anc = node.ancestry();
+            out.push(format!(
+                "{node:?} at {} depth {} parent {:?} chain {:?} {:?} {:?} {:?}",
+                node.offset(),
+                node.depth(),
+                node.parent().map(|p| p.offset()),
+                (0..anc.len())
+                    .map(|i| anc.get(i).map(|n| n.offset()))
+                    .collect::<Vec<_>>(),
+                node.compatible(),
+                node.status(),
+                node.device_type(),
+            ));
             for p in node.properties() {
-                let _ = (
+                out.push(format!(
+                    "{p:?} {:?} {:?} {:?} {:?} {:?} {:?}",
                     p.as_u32(),
                     p.as_u64(),
                     p.as_str(),
                     p.as_str_list().map(|l| l.count()),
-                );
-                let _ = p.as_u32s().map(|c| c.count());
+                    p.as_u32s().map(|c| c.count()),
+                    node.property(p.name).map(|q| q.value.as_ptr()),
+                ));
             }
-            let _ = node.children().count();
-            let _ = node.parent();
-            let _ = dt.reg(&node).map(|r| r.map(|it| it.take(64).count()));
-            let _ = dt.interrupt_parent(&node);
-            let _ = Cells::of(&node);
+            let children: Vec<_> = node.children().collect();
+            out.push(format!(
+                "children {:?}",
+                children.iter().map(|c| c.offset()).collect::<Vec<_>>()
+            ));
+            // (A sample: the root of a big tree has a thousand children.)
+            let names = children
+                .iter()
+                .take(16)
+                .flat_map(|c| [c.name(), c.base_name()]);
+            for q in names.chain(["", "@", "zz"]) {
+                out.push(format!(
+                    "child {q:?}: {:?}",
+                    node.child(q).map(|c| c.offset())
+                ));
+            }
+            out.push(format!(
+                "find {:?}",
+                dt.find_node(&node.path().to_string()).map(|n| n.offset())
+            ));
+            out.push(format!(
+                "{:?}",
+                dt.reg(&node)
+                    .map(|r| r.map(|it| it.take(64).collect::<Vec<_>>()))
+            ));
+            out.push(format!(
+                "{:?}",
+                dt.interrupt_parent(&node).map(|n| n.offset())
+            ));
+            out.push(format!("{:?}", Cells::of(&node)));
             if let Some(p) = node.property("ranges") {
                 if let (Ok(c), Some(parent)) = (Cells::of(&node), node.parent()) {
-                    let _ = Ranges::new(&p, c, Cells::of(&parent).map_or(2, |c| c.address))
-                        .map(|r| r.take(64).count());
+                    let r = Ranges::new(&p, c, Cells::of(&parent).map_or(2, |c| c.address));
+                    out.push(format!("{:?}", r.map(|r| r.take(64).collect::<Vec<_>>())));
                 }
             }
         }
-        let _ = (
+        out.push(format!(
+            "{:?} {:?} {:?} {:?}",
             dt.model(),
-            dt.root_compatible().map(|c| c.count()),
+            dt.root_compatible().map(|c| c.collect::<Vec<_>>()),
             dt.bootargs(),
             dt.initrd(),
-        );
-        let _ = dt.stdout_path();
-        let _ = dt.memory().take(256).count();
-        let _ = dt.mem_reserve().take(256).count();
-        if let Ok(rm) = dt.reserved_memory() {
-            for r in rm.take(256).flatten() {
-                let _ = (r.regs().count(), r.alloc_ranges().count());
+        ));
+        out.push(format!(
+            "{:?}",
+            dt.stdout_path()
+                .map(|s| s.map(|s| (s.node.offset(), s.options)))
+        ));
+        for path in [
+            "/chosen",
+            "/aliases",
+            "/cpus",
+            "/psci",
+            "/reserved-memory",
+            "/memory",
+            "/soc",
+        ] {
+            out.push(format!(
+                "{path} {:?}",
+                dt.find_node(path).map(|n| n.offset())
+            ));
+        }
+        if let Some(aliases) = dt.find_node("/aliases") {
+            for p in aliases.properties() {
+                out.push(format!(
+                    "{:?}",
+                    dt.alias(p.name).map(|a| a.map(|n| n.offset()))
+                ));
             }
         }
-        let _ = dt.cpus().map(|c| c.take(256).count());
-        let _ = dt.psci();
-        let _ = dt.find_compatible("ns16550a").count();
+        out.push(format!("{:?}", dt.memory().take(256).collect::<Vec<_>>()));
+        out.push(format!(
+            "{:?}",
+            dt.mem_reserve().take(256).collect::<Vec<_>>()
+        ));
+        match dt.reserved_memory() {
+            Ok(rm) => {
+                for r in rm.take(256) {
+                    out.push(format!(
+                        "{:?}",
+                        r.map(|r| (
+                            format!("{r:?}"),
+                            r.regs().collect::<Vec<_>>(),
+                            r.alloc_ranges().collect::<Vec<_>>()
+                        ))
+                    ));
+                }
+            }
+            Err(e) => out.push(format!("{e:?}")),
+        }
+        out.push(format!(
+            "{:?}",
+            dt.cpus()
+                .map(|c| c.take(256).map(|c| c.map(|c| c.mpidr)).collect::<Vec<_>>())
+        ));
+        out.push(format!(
+            "{:?}",
+            dt.psci()
+                .map(|p| p.map(|p| (p.node.offset(), p.method, p.cpu_on)))
+        ));
+        out.push(format!(
+            "{:?}",
+            dt.find_compatible("ns16550a")
+                .map(|n| n.offset())
+                .collect::<Vec<_>>()
+        ));
         let kernel = PhysAddr::new(0x4008_0000)..PhysAddr::new(0x4020_0000);
-        if let Ok(map) = MemoryMap::from_dt(&dt.with_phys_base(PhysAddr::new(0x4800_0000)), kernel)
-        {
-            let _ = format!("{map}");
+        match MemoryMap::from_dt(&dt.with_phys_base(PhysAddr::new(0x4800_0000)), kernel) {
+            Ok(map) => out.push(format!("{map}")),
+            Err(e) => out.push(format!("{e}")),
+        }
+        out
+    }
+
+    /// Opens `b` with and without an index (in `index`) and checks that both open, or both fail
+    /// alike; then that every query gets the same answer from both. Returns whether it opened.
+    fn same_with_index(b: &[u8], index: &mut NodeIndex, max_nodes: usize) -> bool {
+        match (
+            DeviceTree::from_bytes(b),
+            DeviceTree::from_bytes_indexed(b, index),
+        ) {
+            (Ok(plain), Ok(indexed)) => {
+                assert!(!plain.is_indexed());
+                let (a, b) = (answers(&plain, max_nodes), answers(&indexed, max_nodes));
+                for (x, y) in a.iter().zip(&b) {
+                    assert_eq!(x, y);
+                }
+                assert_eq!(a.len(), b.len());
+                true
+            }
+            (Err(e), Err(f)) => {
+                assert_eq!(e, f);
+                false
+            }
+            (plain, indexed) => panic!("{:?} vs {:?}", plain.err(), indexed.err()),
         }
     }
 
@@ -1041,11 +1528,14 @@ mod tests {
     }
 
     #[test]
-    fn queries_run_on_every_fixture() {
-        // The per-node queries are quadratic (phandle and parent lookups walk the tree), so the
-        // big Pi trees are sampled.
-        for (_, bytes) in VALID {
-            exercise(&open(bytes), 60);
+    fn index_changes_no_answer_on_any_fixture() {
+        // Without the index the per-node queries are quadratic (parent lookups walk the tree from
+        // the root, phandle lookups scan it), so the big Pi trees are sampled.
+        let mut index = Box::new(NodeIndex::new());
+        for (name, bytes) in VALID {
+            assert!(same_with_index(bytes, &mut index, 40), "{name}");
+            let dt = DeviceTree::from_bytes_indexed(bytes, &mut index).unwrap();
+            assert!(dt.is_indexed(), "{name}");
         }
     }
 
@@ -1053,7 +1543,8 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
         /// Random corruption of small trees: opening either fails cleanly or yields a tree on
-        /// which every query terminates without panicking.
+        /// which every query terminates without panicking, with or without the index, and
+        /// gets the same answer both ways.
         #[test]
         fn corrupted_blobs_never_panic(
             which in 0usize..3,
@@ -1065,9 +1556,7 @@ mod tests {
                 let i = at.index(b.len());
                 b[i] = v;
             }
-            if let Ok(dt) = DeviceTree::from_bytes(&b) {
-                exercise(&dt, usize::MAX);
-            }
+            same_with_index(&b, &mut NodeIndex::new(), usize::MAX);
         }
 
         /// Corruption aimed at the words that matter: header fields, token tags and lengths.
@@ -1078,9 +1567,7 @@ mod tests {
         ) {
             let mut b = BUS_TRANSLATE.to_vec();
             b[word * 4..word * 4 + 4].copy_from_slice(&v.to_be_bytes());
-            if let Ok(dt) = DeviceTree::from_bytes(&b) {
-                exercise(&dt, usize::MAX);
-            }
+            same_with_index(&b, &mut NodeIndex::new(), usize::MAX);
         }
     }
 }

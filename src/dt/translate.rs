@@ -309,7 +309,7 @@ impl<'a> TranslatedRegs<'a> {
     /// is the root (no parent bus) or the property does not split into pairs.
     pub fn new(node: Node<'a>, prop: Property<'a>, which: RangesProp) -> Result<Self, DtError> {
         let bus = node.ancestry().pop();
-        let parent = bus.last().ok_or(DtError::NotFound {
+        let parent = bus.last().ok_or_else(|| DtError::NotFound {
             what: "parent bus of node",
             name: node.short_name(),
         })?;
@@ -332,7 +332,7 @@ impl Iterator for TranslatedRegs<'_> {
         let (addr, size) = self.pairs.next()?;
         Some(
             translate(&self.bus, &self.node, addr, size, self.which).and_then(|base| {
-                Region::new(PhysAddr::new(base), size).ok_or(DtError::Overflow {
+                Region::new(PhysAddr::new(base), size).ok_or_else(|| DtError::Overflow {
                     node: self.node.short_name(),
                     base,
                     size,
