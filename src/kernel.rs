@@ -282,12 +282,14 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
 
     // CMA areas first (recorded in the memory map), then the page allocator over what is left.
     crate::mm::cma::setup::init(&dt, &bootargs, &mut memmap);
-    // The swiotlb bounce pool (below 4 GiB) and `dma.noncoherent`, before the page allocator.
-    crate::dma::bounce::init(&bootargs, &mut memmap);
+    // The swiotlb bounce pools (platform and restricted) and `dma.noncoherent`, before the page
+    // allocator.
+    crate::dma::bounce::init(&dt, &bootargs, &mut memmap);
     match crate::mm::phys::init(&mut memmap) {
         Ok(summary) => println!("{summary}"),
         Err(e) => boot_error(format_args!("page allocator: {e}")),
     }
+    memmap.seal();
 
     println!("memory map:");
     let _ = memmap.write_to(&mut ConsoleWriter);

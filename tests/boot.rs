@@ -44,6 +44,13 @@ fn aarch64_virt_3g_entered_at_el2() {
         .assert_log_contains("entered at EL2");
 }
 
+/// Exactly what `./qemu-run.sh --arch armv7` does: QEMU's defaults, highmem on (the PCI ECAM then
+/// lies above 4 GiB).
+#[test]
+fn armv7_virt_defaults() {
+    boot("armv7 virt defaults", "armv7", &[]).assert_passed();
+}
+
 #[test]
 fn armv7_virt_a15() {
     boot("armv7 virt cortex-a15 1G", "armv7", &["--cpu", "cortex-a15", "--", "-M", "virt,highmem=off"]).assert_passed();

@@ -229,6 +229,8 @@ pub enum MemMapError {
         align: u64,
         below: Option<u64>,
     },
+    /// The map was sealed: the page allocator owns the free ranges now.
+    Sealed,
 }
 
 impl From<DtError> for MemMapError {
@@ -266,6 +268,10 @@ impl fmt::Display for MemMapError {
             Overlap { new, existing } => write!(f, "{new} overlaps {existing}"),
             BadAlignment { align } => write!(f, "alignment {align:#x} is not a power of two"),
             BadSize { size } => write!(f, "cannot allocate {size:#x} bytes"),
+            Sealed => write!(
+                f,
+                "the memory map is sealed: the page allocator owns the free memory now"
+            ),
             NoSpace { size, align, below } => {
                 write!(
                     f,
@@ -347,6 +353,8 @@ pub struct MemoryMap {
     /// Sorted by base, disjoint, each inside one RAM bank.
     res: [Reservation; MAX_RESERVATIONS],
     nres: usize,
+    /// Set once the page allocator has taken the free ranges: nothing may be added after that.
+    sealed: bool,
 }
 
 impl Default for MemoryMap {
@@ -363,7 +371,18 @@ impl MemoryMap {
             nram: 0,
             res: [Reservation::EMPTY; MAX_RESERVATIONS],
             nres: 0,
+            sealed: false,
         }
+    }
+
+    /// Refuse every later change: called when the page allocator takes the free ranges, so that
+    /// no boot allocation can hand out a page the allocator also owns.
+    pub fn seal(&mut self) {
+        self.sealed = true;
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
     }
 
     /// Builds the map from the device tree's RAM and reservations plus the kernel image
@@ -433,6 +452,9 @@ impl MemoryMap {
 
     /// Adds RAM, merging it with any bank it overlaps or touches. Empty regions are ignored.
     pub fn add_ram(&mut self, region: Region) -> Result<(), MemMapError> {
+        if self.sealed {
+            return Err(MemMapError::Sealed);
+        }
         if region.is_empty() {
             return Ok(());
         }
@@ -612,6 +634,9 @@ impl MemoryMap {
 
     /// Adds a reservation after checking it against RAM and the existing reservations.
     fn insert(&mut self, new: Reservation) -> Result<(), MemMapError> {
+        if self.sealed {
+            return Err(MemMapError::Sealed);
+        }
         let r = new.region;
         if r.is_empty() {
             return Err(MemMapError::Empty { name: new.name });
@@ -1392,5 +1417,16 @@ mod tests {
             let ram_chunks = model.ram.iter().filter(|&&c| c).count() as u64;
             prop_assert_eq!(m.total_ram(), ram_chunks * CHUNK);
         }
+    }
+
+    #[test]
+    fn a_sealed_map_refuses_changes() {
+        let mut m = virt_128m();
+        let before = m.reservations().len();
+        m.seal();
+        assert_eq!(m.alloc_early(0x1000, 0x1000, None, ReservationKind::Early, "x"), Err(MemMapError::Sealed));
+        assert_eq!(m.reserve(pa(0x4500_0000), 0x1000, ReservationKind::Early, "y"), Err(MemMapError::Sealed));
+        assert_eq!(m.add_ram(Region::new(pa(0x1_0000_0000), 0x1000).unwrap()), Err(MemMapError::Sealed));
+        assert_eq!(m.reservations().len(), before);
     }
 }
