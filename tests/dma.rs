@@ -6,7 +6,7 @@
 //! reach RAM at 1 GiB: the kernel must refuse the mask and the mapping.
 
 mod common;
-use common::{boot, path_str, root, Boot};
+use common::{boot, dtb, path_str, root, Boot};
 use std::path::PathBuf;
 
 const SUITES: &str = "ktest.filter=dma_api,virtio";
@@ -137,4 +137,27 @@ fn armv7_noncoherent() {
 #[test]
 fn armv7_edu_default_mask() {
     default_mask("armv7");
+}
+
+/// tests/dts/virt-restricted.dts: a `restricted-dma-pool` named by the virtio-blk slot's
+/// `memory-region`. Every buffer virtio-blk shares must lie in that pool, and the disk checks
+/// still pass.
+#[test]
+fn aarch64_restricted_pool() {
+    let img = disk("aarch64-restricted");
+    let d = dtb("virt-restricted");
+    let drive = format!("file={},if=none,format=raw,id=d0", path_str(&img));
+    let append = format!("{SUITES} edu.dma_mask=0xffffffff");
+    let opts = [
+        "--dtb", &path_str(&d), "--append", &append, "--", "-M", "virt", "-device", "edu,dma_mask=0xffffffff",
+        "-drive", &drive, "-device", "virtio-blk-device,drive=d0", "-device", "virtio-rng-device",
+    ];
+    let b = boot("aarch64 restricted-dma-pool", "aarch64", &opts);
+    b.assert_passed();
+    b.assert_log_contains("swiotlb: restricted pool `restricted@7e000000`: 4 MiB at 0x7e000000");
+    for case in ["read_known_image", "write_then_read_1mib", "rng_gives_entropy", "restricted_pool_used"] {
+        b.assert_case_passed("virtio", case);
+    }
+    b.assert_log_contains("buffers shared through the restricted pool at 0x7e000000");
+    check_disk(&b, &img);
 }

@@ -13,6 +13,8 @@
 //! the host-side KTAP reader collects, plus `# <name>: ...` notes on the conditions.
 
 mod cma;
+mod cycles;
+mod dma;
 
 use core::fmt;
 
@@ -31,6 +33,18 @@ pub static BENCHES: &[Bench] = &[
     Bench { name: "cma_alloc_release_16", run: cma::alloc_release_16 },
     Bench { name: "cma_alloc_release_256", run: cma::alloc_release_256 },
     Bench { name: "cma_alloc_release_256_fragmented", run: cma::alloc_release_256_fragmented },
+    Bench { name: "dma_map_direct_coherent_4k", run: dma::direct_coherent_4k },
+    Bench { name: "dma_map_direct_coherent_64k", run: dma::direct_coherent_64k },
+    Bench { name: "dma_map_direct_coherent_1m", run: dma::direct_coherent_1m },
+    Bench { name: "dma_map_direct_coherent_4m", run: dma::direct_coherent_4m },
+    Bench { name: "dma_map_direct_noncoherent_4k", run: dma::direct_noncoherent_4k },
+    Bench { name: "dma_map_direct_noncoherent_64k", run: dma::direct_noncoherent_64k },
+    Bench { name: "dma_map_direct_noncoherent_1m", run: dma::direct_noncoherent_1m },
+    Bench { name: "dma_map_direct_noncoherent_4m", run: dma::direct_noncoherent_4m },
+    Bench { name: "dma_map_swiotlb_4k", run: dma::swiotlb_4k },
+    Bench { name: "dma_map_swiotlb_64k", run: dma::swiotlb_64k },
+    Bench { name: "dma_map_swiotlb_1m", run: dma::swiotlb_1m },
+    Bench { name: "dma_map_swiotlb_4m", run: dma::swiotlb_4m },
 ];
 
 /// Runs the benchmarks whose name matches one of the comma-separated globs in `selection`

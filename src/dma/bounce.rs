@@ -3,8 +3,10 @@
 //! around `swiotlb_tbl_map_single` / `swiotlb_bounce`).
 //!
 //! The platform pool is reserved at boot ([`init`], called by the boot path between the CMA
-//! reservations and the page allocator) below 4 GiB, the smallest limit the platform's devices
-//! are assumed to have (their default 32-bit mask); `swiotlb=<slots>` sizes it (default
+//! reservations and the page allocator) below the smallest DMA limit of the platform: the lowest
+//! address a device with the default 32-bit mask stops reaching, over every bus of the device tree
+//! with `dma-ranges` (through that bus's map, [`BusMap::for_children_of`]) and the root's own
+//! identity view (4 GiB); the choice is logged. `swiotlb=<slots>` sizes it (default
 //! [`DEFAULT_SLOTS`], 4 MiB: Linux's 64 MiB would slow every boot for nothing under QEMU) and
 //! `swiotlb=force` bounces every streaming mapping. The pool is not zeroed: every mapping copies
 //! the original in before the device sees the slot, whatever the direction (as Linux does since
@@ -15,9 +17,17 @@
 //! to-device and bidirectional ones. A full pool is a mapping error, never a reuse of a live
 //! slot. Cache maintenance of the slot, for non-coherent devices, is the caller's (dma-direct's).
 //!
-//! Not done: a `restricted-dma-pool` named by a device's `memory-region` (the type supports a
-//! device's own pool through `Device::with_bounce_pool`, but nothing reserves one from the DT yet).
+//! Restricted pools (Linux's `restricted-dma-pool`, kernel/dma/swiotlb.c
+//! `rmem_swiotlb_device_init`): an available `/reserved-memory` child with that compatible and a
+//! `reg` (reserved by the memory map already) or a `size` (placed here, below the platform limit)
+//! becomes a forced pool of its own at boot; a device whose `memory-region` names it gets it
+//! ([`restricted_pool_for`], used by `Device::from_dt`), and then every streaming mapping of that
+//! device bounces through it, never through the platform pool. Linux also serves such a device's
+//! coherent allocations from its pool (`swiotlb_alloc`); here they still come from
+//! `dma_alloc_contiguous` below the coherent mask.
 
+#[cfg(target_os = "none")]
+use super::busmap::BusMap;
 use core::fmt;
 
 use spin::Mutex;
@@ -158,12 +168,36 @@ pub use kernel::*;
 mod kernel {
     use super::*;
     use crate::bootargs::Bootargs;
+    use crate::dt::{DeviceTree, DtError, Node};
     use crate::mm::memmap::{HumanSize, MemoryMap, ReservationKind};
+    use alloc::format;
+    use alloc::string::{String, ToString};
+    use alloc::vec::Vec;
     use crate::println;
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use spin::Once;
 
     static PLATFORM_POOL: Once<Option<BouncePool>> = Once::new();
     static NONCOHERENT: Once<bool> = Once::new();
+    /// The platform pool's `force`, copied out of [`PLATFORM_POOL`] for the mapping fast path
+    /// (one load rather than the `Once` and `Option` checks).
+    static PLATFORM_FORCED: AtomicBool = AtomicBool::new(false);
+
+    /// The platform pool's base and size (0 without a pool), for the unmap fast path.
+    static PLATFORM_BASE: AtomicU64 = AtomicU64::new(0);
+    static PLATFORM_SIZE: AtomicU64 = AtomicU64::new(0);
+
+    /// Whether the platform pool exists and bounces every streaming mapping (`swiotlb=force`).
+    #[inline]
+    pub fn platform_forced() -> bool {
+        PLATFORM_FORCED.load(Ordering::Relaxed)
+    }
+
+    /// Whether `phys` lies in the platform pool (false without one).
+    #[inline]
+    pub fn in_platform_pool(phys: PhysAddr) -> bool {
+        phys.0.wrapping_sub(PLATFORM_BASE.load(Ordering::Relaxed)) < PLATFORM_SIZE.load(Ordering::Relaxed)
+    }
 
     /// The platform's bounce pool; `None` before [`init`] or if it could not be reserved.
     #[inline]
@@ -190,11 +224,94 @@ mod kernel {
         Ok((slots, force))
     }
 
+    /// A restricted pool and the `/reserved-memory` node (its offset) it was made from.
+    struct Restricted {
+        node: usize,
+        pool: BouncePool,
+    }
+
+    static RESTRICTED: Once<Vec<Restricted>> = Once::new();
+
+    /// The restricted pool `node`'s `memory-region` names, if any of its phandles is one. An
+    /// error for a malformed or dangling `memory-region`.
+    pub fn restricted_pool_for(dt: &DeviceTree<'_>, node: &Node<'_>) -> Result<Option<&'static BouncePool>, DtError> {
+        let Some(prop) = node.property("memory-region") else { return Ok(None) };
+        let pools = RESTRICTED.get().map_or(&[][..], Vec::as_slice);
+        for phandle in prop.as_u32s()? {
+            let off = dt.node_by_phandle(phandle)?.offset();
+            if let Some(r) = pools.iter().find(|r| r.node == off) {
+                return Ok(Some(&r.pool));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The lowest limit of the platform's DMA for a device with the default 32-bit mask: 4 GiB
+    /// (the root's identity view) or lower where a bus's `dma-ranges` bring it down, with the
+    /// bus that does. Buses whose `dma-ranges` are malformed, or reach nothing under 32 bits, are
+    /// reported and left out.
+    fn platform_dma_limit(dt: &DeviceTree<'_>) -> (u64, Option<String>) {
+        let mut best = (1u64 << 32, None);
+        for node in dt.nodes().filter(|n| n.has_property("dma-ranges")) {
+            match BusMap::for_children_of(&node) {
+                Ok(map) => match map.max_reachable(super::super::DEFAULT_MASK).0 {
+                    0 => println!("swiotlb: {}: no 32-bit DMA address reaches RAM, ignored for the pool's placement", node.path()),
+                    l if l < best.0 => best = (l, Some(format!("{}", node.path()))),
+                    _ => {}
+                },
+                Err(e) => println!("swiotlb: {}: {e}; ignored for the pool's placement", node.path()),
+            }
+        }
+        best
+    }
+
+    /// The restricted pools of `/reserved-memory`, reserved; refusals are reported.
+    fn restricted_pools(dt: &DeviceTree<'_>, memmap: &mut MemoryMap, limit: u64) -> Vec<Restricted> {
+        let mut out = Vec::new();
+        let Ok(nodes) = dt.reserved_memory() else { return out };
+        for rm in nodes.flatten() {
+            if !rm.is_available() || !rm.compatible().contains("restricted-dma-pool") {
+                continue;
+            }
+            let name = rm.name();
+            let region = if rm.has_reg() {
+                match rm.regs().next() {
+                    Some(Ok(r)) if memmap.reservations().iter().any(|x| x.region.base() == r.base() && x.region.size() == r.size()) => {
+                        Ok((r.base(), r.size()))
+                    }
+                    Some(Ok(r)) => Err(format!("{}+{:#x} is not reserved RAM", r.base(), r.size())),
+                    Some(Err(e)) => Err(format!("{e}")),
+                    None => Err("empty `reg`".into()),
+                }
+            } else {
+                let size = rm.size.unwrap_or(0);
+                let align = rm.alignment.unwrap_or(crate::mm::addr::PAGE_SIZE).max(crate::mm::addr::PAGE_SIZE);
+                memmap
+                    .alloc_early(size, align, Some(limit), ReservationKind::Swiotlb, name)
+                    .map(|b| (b, size))
+                    .map_err(|e| format!("no {} below {limit:#x}: {e}", HumanSize(size)))
+            };
+            let pool = region.and_then(|(base, size)| {
+                let slots = u32::try_from(size / super::super::swiotlb::IO_TLB_SIZE).map_err(|_| "too large".to_string())?;
+                BouncePool::new(base, slots, true).map_err(|e| format!("{e}"))
+            });
+            match pool {
+                Ok(pool) => {
+                    println!("swiotlb: restricted pool `{name}`: {} at {}", HumanSize(pool.size()), pool.base());
+                    out.push(Restricted { node: rm.node.offset(), pool });
+                }
+                Err(e) => println!("swiotlb: restricted pool `{name}` refused: {e}"),
+            }
+        }
+        out
+    }
+
     /// Boot step between the CMA reservations and the page allocator: reserves the platform's
-    /// bounce pool below 4 GiB (and below what the CPU addresses) as `swiotlb=` says, and records
+    /// bounce pool below the platform's DMA limit (and below what the CPU addresses) as
+    /// `swiotlb=` says, and the restricted pools of `/reserved-memory`; records
     /// `dma.noncoherent`. A pool that cannot be reserved is reported and left out: devices then
     /// get mapping errors instead of bounces.
-    pub fn init(bootargs: &Bootargs<'_>, memmap: &mut MemoryMap) {
+    pub fn init(dt: &DeviceTree<'_>, bootargs: &Bootargs<'_>, memmap: &mut MemoryMap) {
         NONCOHERENT.call_once(|| bootargs.has("dma.noncoherent"));
         if force_noncoherent() {
             println!("dma: every device treated as non-coherent (dma.noncoherent)");
@@ -208,7 +325,12 @@ mod kernel {
                 }
             };
             let size = u64::from(slots) * super::super::swiotlb::IO_TLB_SIZE;
-            let limit = crate::kernel::cpu_addressable_limit().map_or(1 << 32, |l| l.min(1 << 32));
+            let (dma_limit, by) = platform_dma_limit(dt);
+            let limit = crate::kernel::cpu_addressable_limit().map_or(dma_limit, |l| l.min(dma_limit));
+            match by {
+                Some(bus) => println!("swiotlb: placed below {limit:#x}: 32-bit DMA through {bus} ends at {dma_limit:#x}"),
+                None => println!("swiotlb: placed below {limit:#x}: no bus limits 32-bit DMA below 4 GiB"),
+            }
             let base = match memmap.alloc_early(size, crate::mm::addr::PAGE_SIZE, Some(limit), ReservationKind::Swiotlb, "swiotlb") {
                 Ok(b) => b,
                 Err(e) => {
@@ -218,6 +340,9 @@ mod kernel {
             };
             match BouncePool::new(base, slots, force) {
                 Ok(p) => {
+                    PLATFORM_FORCED.store(force, Ordering::Relaxed);
+                    PLATFORM_BASE.store(p.base().0, Ordering::Relaxed);
+                    PLATFORM_SIZE.store(p.size(), Ordering::Relaxed);
                     println!("swiotlb: {} ({slots} slots) at {base}{}", HumanSize(size), if force { ", forced" } else { "" });
                     Some(p)
                 }
@@ -227,5 +352,7 @@ mod kernel {
                 }
             }
         });
+        let limit = crate::kernel::cpu_addressable_limit().map_or(1 << 32, |l| l.min(1 << 32));
+        RESTRICTED.call_once(|| restricted_pools(dt, memmap, limit));
     }
 }

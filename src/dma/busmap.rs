@@ -35,7 +35,7 @@
 
 use core::fmt;
 
-use crate::dt::{Cells, DtError, Node, Property, RangeEntry, Ranges};
+use crate::dt::{Ancestry, Cells, DtError, Node, Property, RangeEntry, Ranges};
 use crate::mm::addr::PhysAddr;
 
 /// A device (bus) address: what a DMA master puts on its bus. Distinct from [`PhysAddr`], the
@@ -204,6 +204,7 @@ impl BusMap {
         Ok(map)
     }
 
+    #[inline]
     pub fn is_identity(&self) -> bool {
         self.len == 0
     }
@@ -223,10 +224,18 @@ impl BusMap {
     /// range lies inside one window (for the identity: unless it runs past 2^64). A range
     /// straddling two windows that happen to be contiguous on both sides is refused too; the
     /// caller maps it in pieces or bounces it.
+    #[inline]
     pub fn phys_to_bus(&self, phys: PhysAddr, len: u64) -> Option<DmaAddr> {
         if self.is_identity() {
             return fits(phys.0, len).then_some(DmaAddr(phys.0));
         }
+        self.phys_to_bus_windows(phys, len)
+    }
+
+    /// [`BusMap::phys_to_bus`] through the windows (out of line: the identity case is the one
+    /// worth inlining into every map).
+    #[inline(never)]
+    fn phys_to_bus_windows(&self, phys: PhysAddr, len: u64) -> Option<DmaAddr> {
         let w = self
             .windows()
             .iter()
@@ -236,10 +245,16 @@ impl BusMap {
 
     /// The CPU physical address of the device's `bus .. bus + len`, under the same rules as
     /// [`BusMap::phys_to_bus`].
+    #[inline]
     pub fn bus_to_phys(&self, bus: DmaAddr, len: u64) -> Option<PhysAddr> {
         if self.is_identity() {
             return fits(bus.0, len).then_some(PhysAddr(bus.0));
         }
+        self.bus_to_phys_windows(bus, len)
+    }
+
+    #[inline(never)]
+    fn bus_to_phys_windows(&self, bus: DmaAddr, len: u64) -> Option<PhysAddr> {
         let w = self
             .windows()
             .iter()
@@ -293,13 +308,30 @@ impl BusMap {
     /// count on the way, a window running past 2^64, more than [`MAX_WINDOWS`] windows (after
     /// splitting), and for a bus whose windows all vanish (zero-sized, or routed nowhere above).
     pub fn from_dt(node: &Node<'_>) -> Result<BusMap, DtError> {
+        // chain[0] is the root, chain[len - 1] the device; buses are chain[1 ..= len - 2].
         let chain = node.ancestry();
+        let start = chain.len().checked_sub(2);
+        BusMap::from_levels(node, &chain, start)
+    }
+
+    /// The map of a device that sits directly below DT node `bus` without a node of its own: a
+    /// PCI function below its host bridge, whose `dma-ranges` then apply (as Linux's
+    /// `of_dma_configure` does with the bridge's node for PCI devices). Same rules and errors as
+    /// [`BusMap::from_dt`].
+    pub fn for_children_of(bus: &Node<'_>) -> Result<BusMap, DtError> {
+        // chain[len - 1] is `bus` itself, the first level to look at.
+        let chain = bus.ancestry();
+        let start = chain.len().checked_sub(1);
+        BusMap::from_levels(bus, &chain, start)
+    }
+
+    /// [`BusMap::from_dt`] from bus level `start` of `node`'s ancestry (`None`: no bus above).
+    fn from_levels(node: &Node<'_>, chain: &Ancestry<'_>, start: Option<usize>) -> Result<BusMap, DtError> {
         let broken = DtError::NotFound {
             what: "bus in the ancestry of node",
             name: node.short_name(),
         };
-        // chain[0] is the root, chain[len - 1] the device; buses are chain[1 ..= len - 2].
-        let Some(mut level) = chain.len().checked_sub(2) else {
+        let Some(mut level) = start else {
             return Ok(BusMap::IDENTITY);
         };
         let mut own_bus = true;
@@ -761,6 +793,26 @@ mod tests {
         assert_eq!(map.max_reachable(0x7fff_ffff), PhysAddr(0x6000_0000));
         assert_eq!(map.max_reachable(0xfff_ffff), PhysAddr(0x5000_0000));
         assert!(!map.clipped());
+    }
+
+    /// A child without a node of its own (a PCI function below its bridge) gets the map of a
+    /// node-bearing child of the same bus.
+    #[test]
+    fn children_of_a_bus_node() {
+        let dt = DeviceTree::from_bytes(DMA_RANGES).unwrap();
+        let of = |path: &str| BusMap::for_children_of(&dt.find_node(path).unwrap());
+        for (bus, child) in [
+            ("/multi", "/multi/dev@1000"),
+            ("/multi/quiet", "/multi/quiet/dev@2000"),
+            ("/multi/open", "/multi/open/dev@4000"),
+            ("/outer/inner", "/outer/inner/dev@0,100"),
+            ("/multi/quiet/deeper", "/multi/quiet/deeper/dev@3000"),
+        ] {
+            assert_eq!(of(bus), map_of(DMA_RANGES, child), "{bus}");
+        }
+        assert!(!of("/multi").unwrap().is_identity());
+        // The root: nothing above translates.
+        assert_eq!(of("/"), Ok(BusMap::IDENTITY));
     }
 
     #[test]

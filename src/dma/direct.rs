@@ -43,7 +43,7 @@ mod kernel {
     use super::*;
     use crate::dma::maint::PocOps;
     use crate::dma::api::{CoherentRaw, DmaAttrs};
-    use crate::dma::bounce::{platform_pool, BouncePool};
+    use crate::dma::bounce::{in_platform_pool, platform_forced, platform_pool, BouncePool};
     use crate::dma::busmap::DmaAddr;
     use crate::dma::contiguous::{dma_alloc_contiguous, dma_free_contiguous, ContiguousError};
     use crate::dma::maint::{self, Direction};
@@ -55,6 +55,17 @@ mod kernel {
         dev.own_bounce_pool().or_else(platform_pool)
     }
 
+    /// Whether every streaming mapping of `dev` bounces: its own pool says so (a restricted pool
+    /// always does), or it has none and `swiotlb=force` was given.
+    #[inline]
+    fn force_bounce(dev: &Device) -> bool {
+        match dev.own_bounce_pool() {
+            Some(p) => p.is_forced(),
+            None => platform_forced(),
+        }
+    }
+
+    #[inline]
     fn va(phys: PhysAddr, size: u64) -> Result<usize, DmaError> {
         usize::try_from(phys.0)
             .ok()
@@ -62,12 +73,14 @@ mod kernel {
             .ok_or(DmaError::NotCpuAddressable { phys, size })
     }
 
+    #[inline]
     fn for_device(phys: PhysAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
-        maint::for_device(&mut PocOps, va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
+        maint::for_device(&mut PocOps::new(), va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
     }
 
+    #[inline]
     fn for_cpu(phys: PhysAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
-        maint::for_cpu(&mut PocOps, va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
+        maint::for_cpu(&mut PocOps::new(), va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
     }
 
     #[inline]
@@ -81,16 +94,23 @@ mod kernel {
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
-        let pool = pool_for(dev);
-        if !pool.is_some_and(BouncePool::is_forced) {
+        if !force_bounce(dev) {
             if let Some(dma) = dev.bus_addr_within_mask(phys, size) {
                 if needs_sync(dev, attrs) {
-                    for_device(phys, size, dir)?;
+                    return map_synced(dma, phys, size, dir);
                 }
                 return Ok(dma);
             }
         }
-        map_bounced(dev, pool, phys, size, dir, attrs)
+        map_bounced(dev, pool_for(dev), phys, size, dir, attrs)
+    }
+
+    /// The non-coherent tail of [`map`], out of line so that the coherent path stays a leaf
+    /// function with no stack frame.
+    #[inline(never)]
+    fn map_synced(dma: DmaAddr, phys: PhysAddr, size: u64, dir: Direction) -> Result<DmaAddr, DmaError> {
+        for_device(phys, size, dir)?;
+        Ok(dma)
     }
 
     #[cold]
@@ -133,15 +153,40 @@ mod kernel {
         Ok((phys, pool_for(dev).filter(|p| p.contains(phys))))
     }
 
+    /// Whether `phys` lies in the pool `dev` bounces through (without fetching the pool: the
+    /// platform pool's range is kept apart for this test).
+    #[inline]
+    fn in_bounce_pool(dev: &Device, phys: PhysAddr) -> bool {
+        match dev.own_bounce_pool() {
+            Some(p) => p.contains(phys),
+            None => in_platform_pool(phys),
+        }
+    }
+
     /// Ends a mapping: for a non-coherent device invalidates what the device wrote, for a bounced
     /// mapping copies it back and frees the slots.
     #[inline]
     pub fn unmap(dev: &Device, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
-        let (phys, pool) = lookup(dev, dma, size)?;
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let Some(phys) = dev.bus_map().bus_to_phys(dma, size) else {
+            return Err(DmaError::NotMapped { dma, size });
+        };
+        if needs_sync(dev, attrs) || in_bounce_pool(dev, phys) {
+            return unmap_slow(dev, phys, size, dir, attrs);
+        }
+        Ok(())
+    }
+
+    /// The rest of [`unmap`] for a non-coherent device or a bounced mapping, out of line like
+    /// [`map_synced`].
+    #[inline(never)]
+    fn unmap_slow(dev: &Device, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
         if needs_sync(dev, attrs) {
             for_cpu(phys, size, dir)?;
         }
-        match pool {
+        match pool_for(dev).filter(|p| p.contains(phys)) {
             Some(p) => p.unmap(phys, size, dir),
             None => Ok(()),
         }

@@ -44,8 +44,9 @@ use core::fmt;
 ///
 /// [`for_device`] and [`for_cpu`] call the operations only with `va` a multiple of
 /// [`CacheOps::line_size`] and `len` a non-zero multiple of it, the range not wrapping the
-/// address space. Each call must have completed (on Arm: followed by a DSB) when it returns, so
-/// that the device may be started right after.
+/// address space, and then [`CacheOps::complete`] once: the operations need not have completed
+/// when they return, only when `complete` does (on Arm: one DSB for the whole request rather
+/// than one per sub-range), so that the device may be started right after.
 pub trait CacheOps {
     /// The smallest data-cache line size, in bytes: a power of two (CTR_EL0.DminLine on arm64,
     /// CTR.DminLine on armv7). The smallest, so that stepping by it never skips a line of any
@@ -57,6 +58,8 @@ pub trait CacheOps {
     fn invalidate(&mut self, va: usize, len: usize);
     /// Writes dirty lines of `va .. va + len` back to the PoC, then discards them.
     fn clean_invalidate(&mut self, va: usize, len: usize);
+    /// Waits until every operation issued so far has completed.
+    fn complete(&mut self);
 }
 
 /// Which way the data of a streaming mapping moves (Linux's `enum dma_data_direction`, without
@@ -128,6 +131,7 @@ struct Lines {
 impl Lines {
     /// `None` for an empty buffer. Computed from the last byte (`va + len - 1`) so that a buffer
     /// ending at the very top of the address space needs no unrepresentable end address.
+    #[inline(always)]
     fn of(line: usize, va: usize, len: usize) -> Result<Option<Lines>, MaintError> {
         if !line.is_power_of_two() {
             return Err(MaintError::BadLineSize { line });
@@ -155,6 +159,7 @@ impl Lines {
 /// device), in direction `dir`: one clean to the PoC of every line the buffer touches, whatever
 /// the direction (see the module documentation for why from-device is cleaned too). An empty
 /// buffer needs nothing.
+#[inline]
 pub fn for_device<C: CacheOps + ?Sized>(
     ops: &mut C,
     va: usize,
@@ -170,6 +175,7 @@ pub fn for_device<C: CacheOps + ?Sized>(
             ops.clean(l.first, l.span)
         }
     }
+    ops.complete();
     Ok(())
 }
 
@@ -177,6 +183,7 @@ pub fn for_device<C: CacheOps + ?Sized>(
 /// direction `dir`. To-device: nothing. From-device and bidirectional: a partial line at either
 /// edge is cleaned and invalidated, the whole lines between are invalidated, in ascending order
 /// and one operation per line (a buffer inside one line gets a single clean+invalidate).
+#[inline]
 pub fn for_cpu<C: CacheOps + ?Sized>(
     ops: &mut C,
     va: usize,
@@ -195,6 +202,7 @@ pub fn for_cpu<C: CacheOps + ?Sized>(
     if l.head_partial {
         ops.clean_invalidate(l.first, l.line);
         if l.first == l.last {
+            ops.complete();
             return Ok(());
         }
         lo = l.first + l.line;
@@ -207,6 +215,7 @@ pub fn for_cpu<C: CacheOps + ?Sized>(
     } else {
         ops.invalidate(lo, l.last - lo + l.line);
     }
+    ops.complete();
     Ok(())
 }
 
@@ -225,10 +234,11 @@ mod tests {
     }
     use Op::*;
 
-    /// Records every call.
+    /// Records every call, and whether the request was completed.
     struct Recorder {
         line: usize,
         calls: Vec<(Op, usize, usize)>,
+        completed: bool,
     }
 
     impl Recorder {
@@ -236,6 +246,7 @@ mod tests {
             Recorder {
                 line,
                 calls: Vec::new(),
+                completed: false,
             }
         }
     }
@@ -245,26 +256,39 @@ mod tests {
             self.line
         }
         fn clean(&mut self, va: usize, len: usize) {
+            assert!(!self.completed, "operation after complete()");
             self.calls.push((Clean, va, len));
         }
         fn invalidate(&mut self, va: usize, len: usize) {
+            assert!(!self.completed, "operation after complete()");
             self.calls.push((Inval, va, len));
         }
         fn clean_invalidate(&mut self, va: usize, len: usize) {
+            assert!(!self.completed, "operation after complete()");
             self.calls.push((CleanInval, va, len));
         }
+        fn complete(&mut self) {
+            assert!(!self.completed, "complete() twice");
+            self.completed = true;
+        }
+    }
+
+    /// The calls of a request; every request that issued an operation must end completed.
+    fn finished(r: Recorder) -> Vec<(Op, usize, usize)> {
+        assert!(r.calls.is_empty() || r.completed, "operations left without complete(): {:?}", r.calls);
+        r.calls
     }
 
     fn dev(line: usize, va: usize, len: usize, dir: Direction) -> Vec<(Op, usize, usize)> {
         let mut r = Recorder::new(line);
         for_device(&mut r, va, len, dir).unwrap();
-        r.calls
+        finished(r)
     }
 
     fn cpu(line: usize, va: usize, len: usize, dir: Direction) -> Vec<(Op, usize, usize)> {
         let mut r = Recorder::new(line);
         for_cpu(&mut r, va, len, dir).unwrap();
-        r.calls
+        finished(r)
     }
 
     const ALL: [Direction; 3] = [
@@ -508,30 +532,55 @@ mod tests {
     }
 }
 
-/// The CPU's data cache to the point of coherency, through the architecture's by-VA operations
-/// (each ends with a DSB, as [`CacheOps`] requires).
+/// The CPU's data cache to the point of coherency, through the architecture's by-line operations:
+/// the line size is read from CTR once, by [`PocOps::new`], and one DSB ends each request
+/// ([`CacheOps::complete`]).
 #[cfg(target_os = "none")]
-pub struct PocOps;
+pub struct PocOps {
+    line: usize,
+}
 
+#[cfg(target_os = "none")]
+impl PocOps {
+    #[inline(always)]
+    pub fn new() -> PocOps {
+        PocOps { line: crate::arch::cache::line_size() }
+    }
+}
+
+#[cfg(target_os = "none")]
+impl Default for PocOps {
+    fn default() -> PocOps {
+        PocOps::new()
+    }
+}
+
+// `len / self.line`: the contract gives whole lines, and `self.line` is a power of two (checked
+// by `Lines::of` before any operation), so the division is a shift.
 #[cfg(target_os = "none")]
 impl CacheOps for PocOps {
-    #[inline]
+    #[inline(always)]
     fn line_size(&self) -> usize {
-        crate::arch::cache::line_size()
+        self.line
     }
 
-    #[inline]
+    #[inline(always)]
     fn clean(&mut self, va: usize, len: usize) {
-        crate::arch::cache::clean(va, len)
+        crate::arch::cache::clean_lines(va, len >> self.line.trailing_zeros(), self.line)
     }
 
-    #[inline]
+    #[inline(always)]
     fn invalidate(&mut self, va: usize, len: usize) {
-        crate::arch::cache::invalidate(va, len)
+        crate::arch::cache::invalidate_lines(va, len >> self.line.trailing_zeros(), self.line)
     }
 
-    #[inline]
+    #[inline(always)]
     fn clean_invalidate(&mut self, va: usize, len: usize) {
-        crate::arch::cache::clean_invalidate(va, len)
+        crate::arch::cache::clean_invalidate_lines(va, len >> self.line.trailing_zeros(), self.line)
+    }
+
+    #[inline(always)]
+    fn complete(&mut self) {
+        crate::arch::cache::dsb()
     }
 }

@@ -141,6 +141,7 @@ impl Device {
     }
 
     /// The bounce pool the device owns, if any (otherwise the platform's pool serves it).
+    #[inline]
     pub fn own_bounce_pool(&self) -> Option<&'static BouncePool> {
         self.pool
     }
@@ -161,6 +162,7 @@ impl Device {
     }
 
     /// Whether the device snoops the CPU caches (no cache maintenance needed).
+    #[inline]
     pub fn is_coherent(&self) -> bool {
         self.coherent
     }
@@ -171,6 +173,7 @@ impl Device {
 
     /// Whether `phys .. phys + len` is reachable under the streaming mask: its bus address, if the
     /// bus map has one, with the last byte at most [`Device::mask`].
+    #[inline]
     pub fn bus_addr_within_mask(&self, phys: PhysAddr, len: u64) -> Option<busmap::DmaAddr> {
         within_mask(&self.bus, self.mask, phys, len)
     }
@@ -205,8 +208,9 @@ impl Device {
     /// the `dma-ranges` above it ([`BusMap::from_dt`]), cache-coherent if it or a node above it has
     /// `dma-coherent` (Linux's `of_dma_is_coherent`) unless the bootarg `dma.noncoherent` is given,
     /// owning the CMA area its `memory-region` names if that pool became an area (see
-    /// `mm::cma::setup::CmaSetup::area_for_device`). An error for a malformed `dma-ranges` or a
-    /// malformed or dangling `memory-region`.
+    /// `mm::cma::setup::CmaSetup::area_for_device`) and the restricted bounce pool it names if
+    /// any (`bounce::restricted_pool_for`: all its streaming DMA then bounces there). An error
+    /// for a malformed `dma-ranges` or a malformed or dangling `memory-region`.
     #[cfg(target_os = "none")]
     pub fn from_dt(dt: &crate::dt::DeviceTree<'_>, node: &crate::dt::Node<'_>) -> Result<Device, crate::dt::DtError> {
         let mut path = alloc::string::String::new();
@@ -217,8 +221,12 @@ impl Device {
             Some(r) => r.area_for_device(dt, node)?,
             None => None,
         };
-        Ok(match area {
+        let dev = match area {
             Some(a) => dev.with_cma_area(a),
+            None => dev,
+        };
+        Ok(match bounce::restricted_pool_for(dt, node)? {
+            Some(p) => dev.with_bounce_pool(p),
             None => dev,
         })
     }
@@ -233,7 +241,13 @@ pub fn is_coherent_in_dt(node: &crate::dt::Node<'_>) -> bool {
 
 /// The bus address of `phys .. phys + len` through `bus`, if the whole range translates and its
 /// last byte is at most `mask` (Linux's `dma_capable`). `None` for an empty range.
+#[inline]
 pub fn within_mask(bus: &BusMap, mask: u64, phys: PhysAddr, len: u64) -> Option<busmap::DmaAddr> {
+    if bus.is_identity() {
+        // The last byte's address not overflowing is all the identity asks.
+        let last = phys.0.checked_add(len.checked_sub(1)?)?;
+        return (last <= mask).then_some(busmap::DmaAddr(phys.0));
+    }
     let dma = bus.phys_to_bus(phys, len)?;
     let last = dma.as_u64().checked_add(len.checked_sub(1)?)?;
     (last <= mask).then_some(dma)

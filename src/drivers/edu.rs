@@ -96,9 +96,8 @@ impl Edu {
         let coherent = is_coherent_in_dt(&node) && !crate::dma::bounce::force_noncoherent();
         let mut name = alloc::string::String::new();
         let _ = fmt::write(&mut name, format_args!("pci {:04x}:{}", pdev.domain, pdev.bdf));
-        // The bridge's own `dma-ranges` would apply to its functions; `BusMap::from_dt` reads the
-        // buses above the node it is given, so that level is not translated (QEMU has none).
-        let dev = Device::with_bus(&name, BusMap::from_dt(&node).map_err(EduError::Dt)?, coherent);
+        // The function sits below the bridge, so the bridge's own `dma-ranges` translate too.
+        let dev = Device::with_bus(&name, BusMap::for_children_of(&node).map_err(EduError::Dt)?, coherent);
         let edu = Edu { regs, dev };
         match edu.read(REG_ID) {
             id if id & 0xff == 0xed => Ok(edu),

@@ -3,12 +3,16 @@
 //! coherent allocation, `share` / `unshare` a streaming map / unmap in the buffer's direction.
 //!
 //! The crate's `Hal` has no device argument, so one DMA [`Device`] serves every virtio-mmio slot:
-//! the one of the first `virtio,mmio` node (QEMU gives all slots the same bus and coherence).
-//! Its functions cannot return errors either: a failed allocation or mapping panics with the
-//! DMA layer's message (the crate would otherwise hand the device a bogus address).
+//! the one of the first `virtio,mmio` node with a `memory-region` (a restricted DMA pool, whose
+//! bounce buffers then carry the streaming DMA of every slot), else of the first `virtio,mmio`
+//! node (QEMU gives all slots the same bus and coherence). Its functions cannot return errors
+//! either: a failed allocation or mapping panics with the DMA layer's message (the crate would
+//! otherwise hand the device a bogus address), and the kernel's panic handler reports it and
+//! ends the run as a failure rather than let the device hang on it.
 
 use alloc::collections::BTreeMap;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::{Mutex, Once};
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
@@ -25,6 +29,10 @@ use crate::mm::kmap;
 pub const COMPATIBLE: &str = "virtio,mmio";
 
 static DMA_DEVICE: Once<Option<Device>> = Once::new();
+/// Streaming mappings handed out by [`VirtioHal::share`] inside and outside the device's own
+/// bounce pool, for the restricted-pool test.
+static SHARED_IN_OWN_POOL: AtomicU64 = AtomicU64::new(0);
+static SHARED_OUTSIDE_OWN_POOL: AtomicU64 = AtomicU64::new(0);
 /// Live coherent allocations of the crate, by device address.
 static COHERENT: Mutex<BTreeMap<u64, DmaCoherent<'static>>> = Mutex::new(BTreeMap::new());
 
@@ -33,7 +41,11 @@ pub fn dma_device() -> Option<&'static Device> {
     DMA_DEVICE
         .call_once(|| {
             let info = crate::kernel::boot_info();
-            let node = info.dt.find_compatible(COMPATIBLE).next()?;
+            let node = info
+                .dt
+                .find_compatible(COMPATIBLE)
+                .find(|n| n.has_property("memory-region"))
+                .or_else(|| info.dt.find_compatible(COMPATIBLE).next())?;
             match Device::from_dt(&info.dt, &node) {
                 Ok(d) => Some(d),
                 Err(e) => {
@@ -88,10 +100,19 @@ unsafe impl Hal for VirtioHal {
 
     unsafe fn share(buffer: NonNull<[u8]>, dir: BufferDirection) -> u64 {
         let phys = PhysAddr(buffer.as_ptr() as *mut u8 as u64);
-        device()
-            .map_phys(phys, buffer.len() as u64, direction(dir), DmaAttrs::NONE)
-            .unwrap_or_else(|e| panic!("virtio: mapping {} bytes at {phys}: {e}", buffer.len()))
-            .as_u64()
+        let dev = device();
+        let len = buffer.len() as u64;
+        let dma = dev
+            .map_phys(phys, len, direction(dir), DmaAttrs::NONE)
+            .unwrap_or_else(|e| panic!("virtio: mapping {len} bytes at {phys}: {e}"));
+        if let Some(pool) = dev.own_bounce_pool() {
+            let inside = dev.bus_map().bus_to_phys(dma, len).is_some_and(|p| {
+                p.0.checked_sub(pool.base().0).is_some_and(|off| off.checked_add(len).is_some_and(|end| end <= pool.size()))
+            });
+            let counter = if inside { &SHARED_IN_OWN_POOL } else { &SHARED_OUTSIDE_OWN_POOL };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        dma.as_u64()
     }
 
     unsafe fn unshare(paddr: u64, buffer: NonNull<[u8]>, dir: BufferDirection) {
@@ -200,5 +221,27 @@ mod ktests {
         Ok(())
     }
 
-    crate::ktest_suite!("virtio", [read_known_image, write_then_read_1mib, rng_gives_entropy]);
+    /// With a `restricted-dma-pool` on the virtio device (tests/dts/virt-restricted.dts), every
+    /// buffer the Hal shared for a read lies inside that pool, and the read is still right.
+    fn restricted_pool_used() -> TestResult {
+        let Some(pool) = dma_device().and_then(Device::own_bounce_pool) else {
+            kskip!("the virtio DMA device has no restricted pool");
+        };
+        let mut blk = blk()?;
+        SHARED_IN_OWN_POOL.store(0, Ordering::Relaxed);
+        SHARED_OUTSIDE_OWN_POOL.store(0, Ordering::Relaxed);
+        let mut buf = vec![0u8; CHUNK];
+        ktry!(blk.read_blocks(0, &mut buf));
+        for (i, b) in buf.iter().enumerate() {
+            kassert_eq!(*b, image_byte(i as u64), "disk byte {i:#x} through the restricted pool");
+        }
+        let (inside, outside) = (SHARED_IN_OWN_POOL.load(Ordering::Relaxed), SHARED_OUTSIDE_OWN_POOL.load(Ordering::Relaxed));
+        kassert!(inside > 0, "no buffer was shared");
+        kassert_eq!(outside, 0, "buffers shared outside the restricted pool at {}", pool.base());
+        kassert_eq!(pool.stats().used, 0, "restricted pool slots leaked");
+        crate::println!("# virtio: {inside} buffers shared through the restricted pool at {} ({:#x} bytes)", pool.base(), pool.size());
+        Ok(())
+    }
+
+    crate::ktest_suite!("virtio", [read_known_image, write_then_read_1mib, rng_gives_entropy, restricted_pool_used]);
 }
