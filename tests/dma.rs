@@ -70,6 +70,8 @@ fn full(arch: &str, name: &str, append: &str) {
         "mask_errors",
         "bounce_by_reach",
         "bounce_exhaustion",
+        "restricted_pool_coherent",
+        "restricted_pool_exhaustion",
         "edu_round_trip_streaming",
         "edu_round_trip_bidirectional_and_coherent",
         "edu_scatter_gather",
@@ -139,25 +141,42 @@ fn armv7_edu_default_mask() {
     default_mask("armv7");
 }
 
-/// tests/dts/virt-restricted.dts: a `restricted-dma-pool` named by the virtio-blk slot's
-/// `memory-region`. Every buffer virtio-blk shares must lie in that pool, and the disk checks
-/// still pass.
-#[test]
-fn aarch64_restricted_pool() {
-    let img = disk("aarch64-restricted");
-    let d = dtb("virt-restricted");
+/// tests/dts/virt-restricted.dts (aarch64) and virt-restricted-armv7.dts: a
+/// `restricted-dma-pool` named by the virtio-blk slot's `memory-region`. All of virtio's DMA memory
+/// must lie in that pool (the buffers it shares and its virtqueues), and the disk checks still
+/// pass.
+fn restricted_pool(arch: &str, dts: &str) {
+    let img = disk(&format!("{arch}-restricted"));
+    let d = dtb(dts);
     let drive = format!("file={},if=none,format=raw,id=d0", path_str(&img));
     let append = format!("{SUITES} edu.dma_mask=0xffffffff");
-    let opts = [
-        "--dtb", &path_str(&d), "--append", &append, "--", "-M", "virt", "-device", "edu,dma_mask=0xffffffff",
-        "-drive", &drive, "-device", "virtio-blk-device,drive=d0", "-device", "virtio-rng-device",
-    ];
-    let b = boot("aarch64 restricted-dma-pool", "aarch64", &opts);
+    let dtb_path = path_str(&d);
+    let mut opts: Vec<&str> = vec!["--dtb", &dtb_path, "--append", &append, "--"];
+    opts.extend_from_slice(machine(arch));
+    opts.extend_from_slice(&[
+        "-device", "edu,dma_mask=0xffffffff", "-drive", &drive, "-device", "virtio-blk-device,drive=d0", "-device",
+        "virtio-rng-device",
+    ]);
+    let b = boot(&format!("{arch} restricted-dma-pool"), arch, &opts);
     b.assert_passed();
     b.assert_log_contains("swiotlb: restricted pool `restricted@7e000000`: 4 MiB at 0x7e000000");
+    for case in ["restricted_pool_coherent", "restricted_pool_exhaustion"] {
+        b.assert_case_passed("dma_api", case);
+    }
     for case in ["read_known_image", "write_then_read_1mib", "rng_gives_entropy", "restricted_pool_used"] {
         b.assert_case_passed("virtio", case);
     }
-    b.assert_log_contains("buffers shared through the restricted pool at 0x7e000000");
+    b.assert_log_contains(" coherent allocations (");
+    b.assert_log_contains("in the restricted pool at 0x7e000000 (0x400000 bytes)");
     check_disk(&b, &img);
+}
+
+#[test]
+fn aarch64_restricted_pool() {
+    restricted_pool("aarch64", "virt-restricted");
+}
+
+#[test]
+fn armv7_restricted_pool() {
+    restricted_pool("armv7", "virt-restricted-armv7");
 }

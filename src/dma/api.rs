@@ -2,7 +2,8 @@
 //! semantics and Rust's types:
 //!
 //! - Coherent memory: [`Device::alloc_coherent`] returns a [`DmaCoherent`] holding the CPU
-//!   pointer and the device address, freed on drop or by [`DmaCoherent::free`].
+//!   pointer and the device address, freed on drop or by [`DmaCoherent::free`]. A device with a
+//!   restricted DMA pool gets it from that pool and nowhere else.
 //! - Streaming mappings of memory the caller owns: raw ([`Device::map_phys`],
 //!   [`Device::map_page`], [`Device::unmap_phys`], [`Device::sync_for_cpu`],
 //!   [`Device::sync_for_device`]), typed by direction ([`Device::map_single`] returning a
@@ -19,6 +20,7 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::ops::BitOr;
 
+use super::bounce::BouncePool;
 use super::busmap::DmaAddr;
 use super::contiguous::ContiguousError;
 use super::maint::{Direction, MaintError};
@@ -161,6 +163,8 @@ impl SgEntry {
 /// [`DmaCoherent::cpu_ptr`] for the CPU and [`DmaCoherent::dma_addr`] for the device. Zeroed when
 /// allocated. Freed on drop (a refusal is printed) or by [`DmaCoherent::free`].
 ///
+/// For a device with a restricted DMA pool the buffer lies in that pool (see [`super::bounce`]).
+///
 /// For a non-coherent device, dma-direct cleans and invalidates the buffer when allocating it but
 /// the CPU mapping stays the cacheable linear map until dma-remap gives it an uncached alias: the
 /// CPU must not leave data in its caches there (QEMU models no caches, so this is invisible in the
@@ -173,11 +177,44 @@ pub struct DmaCoherent<'d> {
 /// What a back end hands out for a coherent buffer, and takes back.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CoherentRaw {
-    pub pages: super::contiguous::ContiguousPages,
+    pub mem: CoherentMem,
     pub dma: DmaAddr,
     pub size: u64,
     pub attrs: DmaAttrs,
 }
+
+/// The memory behind a coherent buffer and the allocator it goes back to.
+#[derive(Debug)]
+pub enum CoherentMem {
+    /// Pages of CMA or the page allocator (`dma_alloc_contiguous`).
+    Pages(super::contiguous::ContiguousPages),
+    /// `bytes` bytes at `phys` of the device's restricted pool ([`BouncePool::alloc`]).
+    Pool { pool: &'static BouncePool, phys: PhysAddr, bytes: u64 },
+}
+
+impl CoherentMem {
+    /// Physical address of the first byte.
+    pub fn phys(&self) -> PhysAddr {
+        match self {
+            CoherentMem::Pages(p) => p.phys,
+            CoherentMem::Pool { phys, .. } => *phys,
+        }
+    }
+}
+
+impl PartialEq for CoherentMem {
+    fn eq(&self, other: &CoherentMem) -> bool {
+        match (self, other) {
+            (CoherentMem::Pages(a), CoherentMem::Pages(b)) => a == b,
+            (CoherentMem::Pool { pool: p, phys: a, bytes: m }, CoherentMem::Pool { pool: q, phys: b, bytes: n }) => {
+                core::ptr::eq(*p, *q) && a == b && m == n
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for CoherentMem {}
 
 impl DmaCoherent<'_> {
     /// The device the buffer belongs to.
@@ -197,7 +234,7 @@ impl DmaCoherent<'_> {
 
     /// Physical address of the first byte.
     pub fn phys(&self) -> PhysAddr {
-        self.raw.as_ref().map_or(PhysAddr(0), |r| r.pages.phys)
+        self.raw.as_ref().map_or(PhysAddr(0), |r| r.mem.phys())
     }
 
     /// The CPU's pointer to the buffer; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].
@@ -206,7 +243,7 @@ impl DmaCoherent<'_> {
         if r.attrs.contains(DmaAttrs::NO_KERNEL_MAPPING) {
             return None;
         }
-        core::ptr::NonNull::new(usize::try_from(r.pages.phys.0).ok()? as *mut u8)
+        core::ptr::NonNull::new(usize::try_from(r.mem.phys().0).ok()? as *mut u8)
     }
 
     /// The buffer as a byte slice for the CPU; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].
@@ -265,7 +302,8 @@ mod kernel {
 
     impl Device {
         /// `size` bytes of zeroed coherent memory the device reaches under its coherent mask.
-        /// `gfp` says whether the call may block (CMA is tried only then).
+        /// `gfp` says whether the call may block (CMA is tried only then). For a device with a
+        /// restricted DMA pool the memory comes from that pool only: a full pool is an error.
         pub fn alloc_coherent(&self, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<DmaCoherent<'_>, DmaError> {
             let raw = match self.backend() {
                 Backend::Direct => direct::alloc(self, size, gfp, attrs)?,

@@ -22,9 +22,16 @@
 //! `reg` (reserved by the memory map already) or a `size` (placed here, below the platform limit)
 //! becomes a forced pool of its own at boot; a device whose `memory-region` names it gets it
 //! ([`restricted_pool_for`], used by `Device::from_dt`), and then every streaming mapping of that
-//! device bounces through it, never through the platform pool. Linux also serves such a device's
-//! coherent allocations from its pool (`swiotlb_alloc`); here they still come from
-//! `dma_alloc_contiguous` below the coherent mask.
+//! device bounces through it, never through the platform pool.
+//!
+//! A restricted pool also serves all coherent allocations of its devices ([`BouncePool::alloc`],
+//! Linux's `swiotlb_alloc` as `dma_direct_alloc` calls it when `is_swiotlb_for_alloc`): the
+//! device must never see memory outside its pool, so these come from the pool's slots (whole
+//! pages, aligned to their size rounded up to a power of two, as `dma_alloc_coherent` promises)
+//! and a full pool is an allocation error, never a fallback to CMA or the page allocator. Pool
+//! memory handed out this way is zeroed here (unlike a mapping's slot, nothing is copied into it).
+//! An allocation is at most one segment, [`super::swiotlb::MAX_MAPPING_SIZE`] (256 KiB), as in
+//! Linux. The platform pool serves no allocations.
 
 #[cfg(target_os = "none")]
 use super::busmap::BusMap;
@@ -46,12 +53,19 @@ pub struct BouncePool {
     base: PhysAddr,
     size: u64,
     force: bool,
+    /// Whether the pool serves its devices' coherent allocations (a restricted pool).
+    for_alloc: bool,
     tlb: Mutex<Swiotlb>,
 }
 
 impl fmt::Debug for BouncePool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BouncePool({:#x}+{:#x}{})", self.base.0, self.size, if self.force { ", forced" } else { "" })
+        let kind = match (self.for_alloc, self.force) {
+            (true, _) => ", restricted",
+            (false, true) => ", forced",
+            (false, false) => "",
+        };
+        write!(f, "BouncePool({:#x}+{:#x}{kind})", self.base.0, self.size)
     }
 }
 
@@ -61,7 +75,14 @@ impl BouncePool {
     /// before the first mapping.
     pub fn new(base: PhysAddr, nslabs: u32, force: bool) -> Result<BouncePool, SwiotlbError> {
         let tlb = Swiotlb::new(base, nslabs)?;
-        Ok(BouncePool { base, size: tlb.size(), force, tlb: Mutex::new(tlb) })
+        Ok(BouncePool { base, size: tlb.size(), force, for_alloc: false, tlb: Mutex::new(tlb) })
+    }
+
+    /// A restricted DMA pool of `nslabs` slots at `base`: every streaming mapping of its devices
+    /// bounces through it and their coherent allocations come from it ([`BouncePool::alloc`]).
+    /// The memory must be reserved as for [`BouncePool::new`].
+    pub fn restricted(base: PhysAddr, nslabs: u32) -> Result<BouncePool, SwiotlbError> {
+        Ok(BouncePool { for_alloc: true, ..BouncePool::new(base, nslabs, true)? })
     }
 
     pub fn base(&self) -> PhysAddr {
@@ -72,9 +93,16 @@ impl BouncePool {
         self.size
     }
 
-    /// Whether every streaming mapping bounces (`swiotlb=force`).
+    /// Whether every streaming mapping bounces (`swiotlb=force`, or a restricted pool).
     pub fn is_forced(&self) -> bool {
         self.force
+    }
+
+    /// Whether the pool serves its devices' coherent allocations (Linux's
+    /// `is_swiotlb_for_alloc`): true for a restricted pool.
+    #[inline]
+    pub fn serves_alloc(&self) -> bool {
+        self.for_alloc
     }
 
     /// Whether `phys` lies in the pool (read without the lock: the range never changes).
@@ -151,6 +179,36 @@ impl BouncePool {
             copy(orig, bounce, size)?;
         }
         Ok(())
+    }
+
+    /// Takes whole pages of the pool for a coherent allocation of `size` bytes (rounded up to
+    /// pages), aligned to that size rounded up to a power of two, and zeroes them; returns their
+    /// address and size in bytes. A full pool is [`super::api::DmaError::Bounce`] with
+    /// [`SwiotlbError::Full`], a request over 256 KiB one with [`SwiotlbError::TooLarge`]. Cache
+    /// maintenance for a non-coherent device is the caller's.
+    pub fn alloc(&self, size: u64) -> Result<(PhysAddr, u64), super::api::DmaError> {
+        use crate::mm::addr::PAGE_SIZE;
+        let too_large = super::api::DmaError::Bounce(SwiotlbError::TooLarge { size, offset: 0 });
+        let bytes = size.checked_next_multiple_of(PAGE_SIZE).ok_or(too_large)?;
+        let align = bytes.checked_next_power_of_two().ok_or(too_large)?;
+        let slot = self.tlb.lock().alloc(bytes, align).map_err(super::api::DmaError::Bounce)?;
+        let cpu = match usize::try_from(slot.addr.0).ok().filter(|a| a.checked_add(bytes as usize).is_some()) {
+            Some(a) => a,
+            None => {
+                let _ = self.tlb.lock().free(slot.addr, bytes);
+                return Err(super::api::DmaError::NotCpuAddressable { phys: slot.addr, size: bytes });
+            }
+        };
+        // SAFETY: `bytes` bytes of the pool's reserved memory, identity-mapped and addressable
+        // (checked above), just taken for this allocation alone by the slot allocator.
+        unsafe { core::ptr::write_bytes(cpu as *mut u8, 0, bytes as usize) };
+        Ok((slot.addr, bytes))
+    }
+
+    /// Gives back an allocation of [`BouncePool::alloc`]: `phys` and `bytes` as it returned them.
+    /// Anything else (a mapping, a double free, another size) is refused and changes nothing.
+    pub fn free(&self, phys: PhysAddr, bytes: u64) -> Result<(), super::api::DmaError> {
+        self.tlb.lock().free(phys, bytes).map_err(super::api::DmaError::Bounce)
     }
 
     fn orig_of(&self, bounce: PhysAddr, size: u64) -> Result<PhysAddr, super::api::DmaError> {
@@ -293,7 +351,7 @@ mod kernel {
             };
             let pool = region.and_then(|(base, size)| {
                 let slots = u32::try_from(size / super::super::swiotlb::IO_TLB_SIZE).map_err(|_| "too large".to_string())?;
-                BouncePool::new(base, slots, true).map_err(|e| format!("{e}"))
+                BouncePool::restricted(base, slots).map_err(|e| format!("{e}"))
             });
             match pool {
                 Ok(pool) => {

@@ -1,7 +1,11 @@
 //! dma-direct (Linux's kernel/dma/direct.c): DMA without an IOMMU. The device is given bus
 //! addresses that its [`BusMap`] derives from CPU physical addresses.
 //!
-//! - Coherent buffers come from `dma_alloc_contiguous()` below the limit the coherent mask and
+//! - A device with a restricted DMA pool gets its coherent buffers from that pool and nowhere
+//!   else (Linux's `dma_direct_alloc` checks `is_swiotlb_for_alloc` first and calls
+//!   `swiotlb_alloc`): a full pool, or a pool beyond the coherent mask, is an error. The pool's
+//!   pages are zeroed and given the same cache maintenance as below. See [`super::bounce`].
+//! - Other coherent buffers come from `dma_alloc_contiguous()` below the limit the coherent mask and
 //!   the bus map allow. Pages the device turns out not to reach (a hole between bus windows) are
 //!   freed and the allocation retried below their address, until it succeeds or nothing is left
 //!   below (the lesson of Linux's 2019 ath10k regression, where such pages were handed out).
@@ -42,7 +46,7 @@ pub use kernel::*;
 mod kernel {
     use super::*;
     use crate::dma::maint::PocOps;
-    use crate::dma::api::{CoherentRaw, DmaAttrs};
+    use crate::dma::api::{CoherentMem, CoherentRaw, DmaAttrs};
     use crate::dma::bounce::{in_platform_pool, platform_forced, platform_pool, BouncePool};
     use crate::dma::busmap::DmaAddr;
     use crate::dma::contiguous::{dma_alloc_contiguous, dma_free_contiguous, ContiguousError};
@@ -221,6 +225,9 @@ mod kernel {
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
+        if let Some(pool) = dev.own_bounce_pool().filter(|p| p.serves_alloc()) {
+            return alloc_from_pool(dev, pool, size, attrs);
+        }
         let mut below = *dev;
         loop {
             let pages = dma_alloc_contiguous(&below, size, gfp).map_err(DmaError::NoMemory)?;
@@ -231,10 +238,8 @@ mod kernel {
                     // SAFETY: `bytes` of RAM just allocated for this buffer alone, mapped at
                     // their physical address by the linear map (checked addressable above).
                     unsafe { core::ptr::write_bytes(cpu as *mut u8, 0, bytes as usize) };
-                    if maint::needs_maintenance(dev.is_coherent()) {
-                        crate::arch::cache::clean_invalidate(cpu, bytes as usize);
-                    }
-                    return Ok(CoherentRaw { pages, dma, size, attrs });
+                    prep_coherent(dev, cpu, bytes);
+                    return Ok(CoherentRaw { mem: CoherentMem::Pages(pages), dma, size, attrs });
                 }
                 (_, cpu) => {
                     let low = pages.phys;
@@ -250,8 +255,33 @@ mod kernel {
         }
     }
 
+    /// Linux's `arch_dma_prep_coherent`: a non-coherent device must not find the zeroes only in
+    /// the CPU's caches, nor the CPU later read stale lines over what the device wrote.
+    fn prep_coherent(dev: &Device, cpu: usize, bytes: u64) {
+        if maint::needs_maintenance(dev.is_coherent()) {
+            crate::arch::cache::clean_invalidate(cpu, bytes as usize);
+        }
+    }
+
+    /// A coherent buffer from the device's restricted pool (zeroed by the pool), given to the
+    /// device through its bus map if it reaches all of it under the coherent mask; otherwise the
+    /// slots go back and the answer is an error, never memory from elsewhere.
+    fn alloc_from_pool(dev: &Device, pool: &'static BouncePool, size: u64, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
+        let (phys, bytes) = pool.alloc(size)?;
+        let Some(dma) = within_mask(dev.bus_map(), dev.coherent_mask(), phys, bytes) else {
+            let _ = pool.free(phys, bytes);
+            return Err(DmaError::PoolUnreachable { pool: pool.base(), mask: dev.coherent_mask() });
+        };
+        // `pool.alloc` checked the range addressable.
+        prep_coherent(dev, phys.0 as usize, bytes);
+        Ok(CoherentRaw { mem: CoherentMem::Pool { pool, phys, bytes }, dma, size, attrs })
+    }
+
     pub fn free(dev: &Device, raw: CoherentRaw) -> Result<(), DmaError> {
-        dma_free_contiguous(dev, raw.pages).map_err(|_| DmaError::Free)
+        match raw.mem {
+            CoherentMem::Pages(pages) => dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free),
+            CoherentMem::Pool { pool, phys, bytes } => pool.free(phys, bytes),
+        }
     }
 
     /// See [`mask_ok`]; the lowest RAM address comes from the boot memory map.

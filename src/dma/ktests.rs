@@ -1,16 +1,20 @@
 //! KTAP suites of the DMA API on the running kernel: coherent allocations, streaming mappings
 //! checked byte for byte through QEMU's `edu` DMA engine (a real bus master), scatter-gather
-//! lists, swiotlb (forced, and by reach), mask errors and bounce-pool exhaustion. The virtio-blk
-//! and virtio-rng checks are in `drivers::virtio`.
+//! lists, swiotlb (forced, and by reach), mask errors, bounce-pool exhaustion and the coherent
+//! allocations of a device with a restricted DMA pool. The virtio-blk and virtio-rng checks (and
+//! the restricted pool of the DT) are in `drivers::virtio`.
 
+use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use spin::Once;
+
 use super::api::{Bidirectional, DmaAttrs, DmaError, FromDevice, SgEntry, ToDevice};
-use super::bounce::platform_pool;
+use super::bounce::{platform_pool, BouncePool};
 use super::busmap::{BusMap, DmaAddr, Window};
 use super::maint::Direction;
-use super::swiotlb::{SwiotlbError, MAX_MAPPING_SIZE};
+use super::swiotlb::{SwiotlbError, IO_TLB_SIZE, MAX_MAPPING_SIZE};
 use super::{Device, GfpFlags, DEFAULT_MASK};
 use crate::drivers::edu::{configured_mask, Edu, EduDir, EduError, BUF_LEN};
 use crate::ktest::{NotPassed, TestResult};
@@ -167,6 +171,133 @@ fn forced_bounce() -> TestResult {
     kassert!(pool.stats().used > before);
     ktry!(s.unmap());
     kassert_eq!(pool.stats().used, before);
+    Ok(())
+}
+
+// --- restricted pools -----------------------------------------------------------------------
+
+/// Size of the test's own restricted pool: two segments.
+const RMEM_SIZE: u64 = 2 * MAX_MAPPING_SIZE;
+
+/// A restricted pool of [`RMEM_SIZE`] bytes on memory taken from the page allocator once and
+/// kept, with the pool, for the rest of the run (devices hold `&'static` pools). `ATOMIC` keeps
+/// the request out of CMA, whose areas `dma_contiguous` checks for leaks.
+fn test_restricted_pool() -> Result<&'static BouncePool, NotPassed> {
+    static POOL: Once<Result<&'static BouncePool, DmaError>> = Once::new();
+    let pool = POOL.call_once(|| {
+        let plain = Device::with_bus("ktest-rmem", BusMap::IDENTITY, true);
+        let mem = plain.alloc_coherent(RMEM_SIZE, GfpFlags::ATOMIC, DmaAttrs::NONE)?;
+        let pool = BouncePool::restricted(mem.phys(), (RMEM_SIZE / IO_TLB_SIZE) as u32).map_err(DmaError::Bounce)?;
+        // The pages now belong to the pool, which is never dropped.
+        core::mem::forget(mem);
+        Ok(&*Box::leak(Box::new(pool)))
+    });
+    Ok(*ktry!(pool.as_ref()))
+}
+
+/// Whether all of `phys .. phys + size` lies in `pool`.
+fn inside(pool: &BouncePool, phys: PhysAddr, size: u64) -> bool {
+    pool.contains(phys) && phys.0.checked_add(size - 1).is_some_and(|last| pool.contains(PhysAddr(last)))
+}
+
+/// A device with a restricted pool takes its coherent memory from the pool, zeroed, aligned to
+/// its size rounded up to a power-of-two number of pages, at the bus address its map gives, and
+/// gives it back on free and drop; its streaming mappings bounce there too.
+fn restricted_pool_coherent() -> TestResult {
+    let pool = test_restricted_pool()?;
+    kassert!(pool.serves_alloc() && pool.is_forced());
+    let coherent = !crate::dma::bounce::force_noncoherent();
+    let dev = Device::with_bus("ktest-restricted", BusMap::IDENTITY, coherent).with_bounce_pool(pool);
+    let base = pool.stats();
+    kassert_eq!((base.used, base.allocated), (0, 0), "the test pool is not empty");
+    for size in [1u64, 100, 4096, 5000, 65536, MAX_MAPPING_SIZE] {
+        let mut a = ktry!(dev.alloc_coherent(size, GfpFlags::KERNEL, DmaAttrs::NONE));
+        let phys = a.phys();
+        kassert!(inside(pool, phys, size), "{size}-byte buffer at {phys} outside the pool at {}", pool.base());
+        kassert_eq!(a.dma_addr().as_u64(), phys.0, "identity bus map");
+        let align = size.next_multiple_of(4096).next_power_of_two();
+        kassert_eq!(phys.0 % align, 0, "{size}-byte buffer at {phys} not aligned to {align:#x}");
+        kassert_eq!(pool.stats().allocated as u64, size.next_multiple_of(4096) / IO_TLB_SIZE);
+        let s = ktry!(a.as_mut_slice().ok_or("no CPU mapping"));
+        kassert!(s.iter().all(|&b| b == 0), "pool buffer of {size} bytes not zeroed");
+        s.fill(0x5a);
+        if size % 2 == 0 {
+            ktry!(a.free());
+        } else {
+            drop(a);
+        }
+        kassert_eq!(pool.stats().used, 0, "a freed {size}-byte buffer kept its slots");
+    }
+    // The same place again: dirty from the last round, zeroed anew.
+    let mut a = ktry!(dev.alloc_coherent(MAX_MAPPING_SIZE, GfpFlags::ATOMIC, DmaAttrs::NONE));
+    kassert!(ktry!(a.as_mut_slice().ok_or("no CPU mapping")).iter().all(|&b| b == 0));
+    // A streaming mapping of the same device lands in the pool beside it.
+    let mut buf = pattern(4, 3000);
+    let s = ktry!(dev.map_single::<ToDevice>(&mut buf));
+    kassert!(inside(pool, PhysAddr(s.dma_addr().as_u64()), 3000), "stream at {} not in the pool", s.dma_addr());
+    kassert!(pool.stats().used > pool.stats().allocated);
+    ktry!(s.unmap());
+    ktry!(a.free());
+    // Through a bus offset: the device address is the pool's bus address.
+    const BUS: u64 = 0x2000_0000;
+    let w = ktry!(Window::new(pool.base(), DmaAddr(BUS), pool.size()).ok_or("pool window"));
+    let off = Device::with_bus("ktest-restricted-offset", ktry!(BusMap::from_windows(&[w])), coherent).with_bounce_pool(pool);
+    let b = ktry!(off.alloc_coherent(8192, GfpFlags::KERNEL, DmaAttrs::NONE));
+    kassert!(inside(pool, b.phys(), 8192));
+    kassert_eq!(b.dma_addr().as_u64(), BUS + (b.phys().0 - pool.base().0), "bus address of {}", b.phys());
+    ktry!(b.free());
+    kassert_eq!(pool.stats().used, base.used);
+    Ok(())
+}
+
+/// Coherent allocations exhaust a restricted pool cleanly: an error, no fallback to other
+/// memory, nothing half-done; everything freed returns the pool to its baseline.
+fn restricted_pool_exhaustion() -> TestResult {
+    let pool = test_restricted_pool()?;
+    let dev = Device::with_bus("ktest-restricted-full", BusMap::IDENTITY, true).with_bounce_pool(pool);
+    let base = pool.stats();
+    const SIZE: u64 = 64 << 10;
+    let mut live = Vec::new();
+    let err = loop {
+        match dev.alloc_coherent(SIZE, GfpFlags::KERNEL | GfpFlags::NOWARN, DmaAttrs::NONE) {
+            Ok(a) => live.push(a),
+            Err(e) => break e,
+        }
+        kassert!(live.len() as u64 <= pool.size() / SIZE, "more buffers than the pool holds");
+    };
+    kassert_eq!(live.len() as u64, pool.size() / SIZE, "the pool was not filled");
+    kassert!(matches!(err, DmaError::Bounce(SwiotlbError::Full { .. })), "expected a full pool, got {err}");
+    crate::println!("# restricted pool full: {err}");
+    kassert!(live.iter().all(|a| inside(pool, a.phys(), SIZE)), "a buffer outside the pool");
+    let mut starts: Vec<u64> = live.iter().map(|a| a.phys().0).collect();
+    starts.sort_unstable();
+    starts.dedup();
+    kassert_eq!(starts.len(), live.len(), "two buffers at one address");
+    kassert_eq!(pool.stats().used, pool.stats().total);
+    kassert_eq!(pool.stats().allocated, pool.stats().total);
+    // Whatever the request, nothing comes from elsewhere while the pool is full.
+    let e = dev.alloc_coherent(1, GfpFlags::ATOMIC, DmaAttrs::NONE).err();
+    kassert!(matches!(e, Some(DmaError::Bounce(SwiotlbError::Full { .. }))), "{e:?}");
+    // Too large for one run of slots: refused even in an empty pool.
+    let e = dev.alloc_coherent(MAX_MAPPING_SIZE + 1, GfpFlags::KERNEL, DmaAttrs::NONE).err();
+    kassert!(matches!(e, Some(DmaError::Bounce(SwiotlbError::TooLarge { .. }))), "{e:?}");
+    // Streaming mappings find no room either.
+    let mut buf = pattern(6, 512);
+    kassert!(dev.map_single::<ToDevice>(&mut buf).is_err(), "a mapping in a full pool");
+    kassert_eq!(pool.stats().failed, base.failed + 3);
+    let half = live.split_off(live.len() / 2);
+    for a in half {
+        ktry!(a.free());
+    }
+    drop(live);
+    let after = pool.stats();
+    kassert_eq!((after.used, after.allocated), (base.used, base.allocated), "slots kept after freeing everything");
+    // The whole pool is free again: one largest buffer per segment.
+    let big: Vec<_> = ktry!((0..pool.size() / MAX_MAPPING_SIZE)
+        .map(|_| dev.alloc_coherent(MAX_MAPPING_SIZE, GfpFlags::KERNEL, DmaAttrs::NONE))
+        .collect::<Result<Vec<_>, _>>());
+    drop(big);
+    kassert_eq!(pool.stats().used, base.used);
     Ok(())
 }
 
@@ -328,6 +459,8 @@ crate::ktest_suite!(
         bounce_by_reach,
         bounce_exhaustion,
         forced_bounce,
+        restricted_pool_coherent,
+        restricted_pool_exhaustion,
         edu_round_trip_streaming,
         edu_round_trip_bidirectional_and_coherent,
         edu_scatter_gather,

@@ -111,7 +111,9 @@ impl Device {
     }
 
     /// The same device bouncing through `pool` rather than the platform's pool (a
-    /// `restricted-dma-pool`, or a test's own pool).
+    /// `restricted-dma-pool`, or a test's own pool). If the pool serves allocations (a
+    /// restricted pool, [`BouncePool::restricted`]) the device's coherent memory comes from it
+    /// too, and from nowhere else.
     pub fn with_bounce_pool(self, pool: &'static BouncePool) -> Device {
         Device { pool: Some(pool), ..self }
     }
@@ -209,7 +211,8 @@ impl Device {
     /// `dma-coherent` (Linux's `of_dma_is_coherent`) unless the bootarg `dma.noncoherent` is given,
     /// owning the CMA area its `memory-region` names if that pool became an area (see
     /// `mm::cma::setup::CmaSetup::area_for_device`) and the restricted bounce pool it names if
-    /// any (`bounce::restricted_pool_for`: all its streaming DMA then bounces there). An error
+    /// any (`bounce::restricted_pool_for`: all its DMA, streaming and coherent, then goes through
+    /// that pool). An error
     /// for a malformed `dma-ranges` or a malformed or dangling `memory-region`.
     #[cfg(target_os = "none")]
     pub fn from_dt(dt: &crate::dt::DeviceTree<'_>, node: &crate::dt::Node<'_>) -> Result<Device, crate::dt::DtError> {

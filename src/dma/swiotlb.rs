@@ -35,6 +35,15 @@
 //! against that record: an address that does not start a live mapping or a size that differs is
 //! an error and changes nothing. A full pool is an error ([`SwiotlbError::Full`]), never
 //! corruption.
+//!
+//! Allocations ([`Swiotlb::alloc`] / [`Swiotlb::free`], after Linux's `swiotlb_alloc` /
+//! `swiotlb_free`): a device with a restricted DMA pool takes its coherent memory from the pool
+//! too, so that it never sees memory outside it. An allocation is a run of slots like a mapping,
+//! found by the same search, but has no original buffer: nothing is copied, [`Swiotlb::orig`] and
+//! [`Swiotlb::orig_of`] do not see it, and it starts at a multiple of the requested alignment.
+//! The two kinds are told apart: unmapping an allocation or freeing a mapping is an error that
+//! changes nothing. Both count in [`Stats::used`]; [`Stats::allocated`] says how many of those
+//! slots allocations hold.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -83,12 +92,14 @@ pub struct BounceSlot {
 pub struct Stats {
     /// Slots in the pool.
     pub total: u32,
-    /// Slots in use now.
+    /// Slots in use now, by mappings and allocations.
     pub used: u32,
+    /// Slots of [`Stats::used`] held by allocations ([`Swiotlb::alloc`]).
+    pub allocated: u32,
     /// Most slots ever in use at once.
     pub high_water: u32,
-    /// Map requests refused with [`SwiotlbError::Full`]: the pool had no room for a valid
-    /// request. Invalid requests are not counted.
+    /// Map and alloc requests refused with [`SwiotlbError::Full`]: the pool had no room for a
+    /// valid request. Invalid requests are not counted.
     pub failed: u64,
 }
 
@@ -102,10 +113,12 @@ pub enum SwiotlbError {
         nslabs: u32,
         what: &'static str,
     },
-    /// A mapping of 0 bytes.
+    /// A mapping or allocation of 0 bytes.
     ZeroSize,
     /// `min_align_mask` is not of the form 2^k - 1.
     BadAlignMask { mask: u64 },
+    /// An allocation's alignment is not a power of two.
+    BadAlign { align: u64 },
     /// The mapping, with its offset into the first slot, needs more than [`IO_TLB_SEGSIZE`]
     /// slots.
     TooLarge { size: u64, offset: u64 },
@@ -116,7 +129,12 @@ pub enum SwiotlbError {
     /// An unmap of an address that does not start a live mapping (never mapped, already
     /// unmapped, or inside a mapping).
     NotMapped { addr: PhysAddr },
-    /// An unmap whose size differs from the mapping's.
+    /// An unmap of an address that starts an allocation, not a mapping.
+    IsAllocation { addr: PhysAddr },
+    /// A free of an address that does not start a live allocation (never allocated, already
+    /// freed, inside an allocation, or a mapping).
+    NotAllocated { addr: PhysAddr },
+    /// An unmap or free whose size differs from the mapping's or allocation's.
     WrongSize {
         addr: PhysAddr,
         size: u64,
@@ -135,6 +153,10 @@ impl fmt::Display for SwiotlbError {
             BadAlignMask { mask } => write!(
                 f,
                 "swiotlb: min_align_mask {mask:#x} is not a run of low bits (2^k - 1)"
+            ),
+            BadAlign { align } => write!(
+                f,
+                "swiotlb: allocation alignment {align:#x} is not a power of two"
             ),
             TooLarge { size, offset } => write!(
                 f,
@@ -160,9 +182,17 @@ impl fmt::Display for SwiotlbError {
                 "swiotlb: unmap of {addr}, which does not start a live bounce mapping \
                  (double unmap?)"
             ),
+            IsAllocation { addr } => write!(
+                f,
+                "swiotlb: unmap of {addr}, which is a coherent allocation, not a bounce mapping"
+            ),
+            NotAllocated { addr } => write!(
+                f,
+                "swiotlb: free of {addr}, which does not start a live allocation (double free?)"
+            ),
             WrongSize { addr, size, mapped } => write!(
                 f,
-                "swiotlb: unmap of {addr} with size {size:#x}, but {mapped:#x} bytes were mapped"
+                "swiotlb: release of {addr} with size {size:#x}, but {mapped:#x} bytes were taken"
             ),
         }
     }
@@ -173,10 +203,12 @@ impl fmt::Display for SwiotlbError {
 struct SlotInfo {
     /// Index of the first slot of the mapping this slot belongs to, or [`FREE`].
     head: u32,
-    /// The rest is meaningful in a mapping's first slot only: the mapping's size, its offset
-    /// into that slot, and its original physical address.
+    /// The rest is meaningful in a run's first slot only: its size, its offset into that slot,
+    /// whether it is an allocation (no original, offset 0) and, for a mapping, its original
+    /// physical address.
     size: u32,
     offset: u16,
+    alloc: bool,
     orig: u64,
 }
 
@@ -184,6 +216,7 @@ const FREE_SLOT: SlotInfo = SlotInfo {
     head: FREE,
     size: 0,
     offset: 0,
+    alloc: false,
     orig: 0,
 };
 
@@ -198,6 +231,7 @@ pub struct Swiotlb {
     /// Where the next search starts (next-fit).
     next: u32,
     used: u32,
+    allocated: u32,
     high_water: u32,
     failed: u64,
 }
@@ -308,6 +342,7 @@ impl Swiotlb {
             slots,
             next: 0,
             used: 0,
+            allocated: 0,
             high_water: 0,
             failed: 0,
         })
@@ -340,6 +375,7 @@ impl Swiotlb {
         Stats {
             total: self.nslabs,
             used: self.used,
+            allocated: self.allocated,
             high_water: self.high_water,
             failed: self.failed,
         }
@@ -390,36 +426,78 @@ impl Swiotlb {
         let residue = (target.wrapping_sub(self.base.0) & mask) >> IO_TLB_SHIFT;
         let starts = Starts::new(period, residue);
 
-        let Some(slot) = self.find(nslots, &starts) else {
-            self.failed += 1;
-            return Err(SwiotlbError::Full {
-                nslots,
-                used: self.used,
-                total: self.nslabs,
-            });
-        };
-
-        let seg = (slot / IO_TLB_SEGSIZE) as usize;
-        if let Some(f) = self.free.get_mut(seg) {
-            *f &= !bits(slot % IO_TLB_SEGSIZE, nslots);
-        }
-        let range = slot as usize..(slot + nslots) as usize;
-        for s in self.slots.get_mut(range).unwrap_or_default() {
-            s.head = slot;
-        }
-        if let Some(h) = self.slots.get_mut(slot as usize) {
-            // size <= MAX_MAPPING_SIZE and offset < IO_TLB_SIZE: both fit.
-            h.size = size as u32;
-            h.offset = offset as u16;
-            h.orig = orig.0;
-        }
-        self.used += nslots;
-        self.high_water = self.high_water.max(self.used);
-        self.next = (slot + nslots) % self.nslabs;
+        let slot = self.find_or_count(nslots, &starts)?;
+        self.take(
+            slot,
+            nslots,
+            SlotInfo {
+                head: slot,
+                // size <= MAX_MAPPING_SIZE and offset < IO_TLB_SIZE: both fit.
+                size: size as u32,
+                offset: offset as u16,
+                alloc: false,
+                orig: orig.0,
+            },
+        );
         Ok(BounceSlot {
             addr: PhysAddr(self.slot_addr(slot) + offset),
             nslots,
         })
+    }
+
+    /// Reserves `size` bytes of slots for the caller's own use, with no original buffer (Linux's
+    /// `swiotlb_alloc`, for the coherent memory of a device with a restricted pool): the run
+    /// starts at a physical address that is a multiple of `align` (a power of two; a slot, 2 KiB,
+    /// whatever smaller value is given). The memory is handed over as it is (the caller zeroes
+    /// it) and stays taken until [`Swiotlb::free`] with the same address and size. Errors:
+    /// [`SwiotlbError::ZeroSize`], [`SwiotlbError::BadAlign`], [`SwiotlbError::TooLarge`] (more
+    /// than [`MAX_MAPPING_SIZE`]: an allocation stays inside one segment, like a mapping), and
+    /// [`SwiotlbError::Full`] exactly when no aligned run of free slots exists.
+    pub fn alloc(&mut self, size: u64, align: u64) -> Result<BounceSlot, SwiotlbError> {
+        if size == 0 {
+            return Err(SwiotlbError::ZeroSize);
+        }
+        if !align.is_power_of_two() {
+            return Err(SwiotlbError::BadAlign { align });
+        }
+        if size > MAX_MAPPING_SIZE {
+            return Err(SwiotlbError::TooLarge { size, offset: 0 });
+        }
+        // 1 ..= 128.
+        let nslots = size.div_ceil(IO_TLB_SIZE) as u32;
+        let mask = align.max(IO_TLB_SIZE) - 1;
+        // Slot `s` starts at a multiple of `align` iff `s` is `residue` modulo `period`.
+        let residue = (self.base.0.wrapping_neg() & mask) >> IO_TLB_SHIFT;
+        let starts = Starts::new((mask >> IO_TLB_SHIFT) + 1, residue);
+        let slot = self.find_or_count(nslots, &starts)?;
+        self.take(
+            slot,
+            nslots,
+            SlotInfo {
+                head: slot,
+                size: size as u32,
+                offset: 0,
+                alloc: true,
+                orig: 0,
+            },
+        );
+        self.allocated += nslots;
+        Ok(BounceSlot {
+            addr: PhysAddr(self.slot_addr(slot)),
+            nslots,
+        })
+    }
+
+    /// Releases the allocation that [`Swiotlb::alloc`] returned at `addr` for `size` bytes.
+    /// Anything but an exact match with a live allocation (a mapping, a double free, another
+    /// size) is an error and changes nothing.
+    pub fn free(&mut self, addr: PhysAddr, size: u64) -> Result<(), SwiotlbError> {
+        let slot = match self.run_at(addr)? {
+            Some((slot, head)) if head.alloc => slot,
+            _ => return Err(SwiotlbError::NotAllocated { addr }),
+        };
+        self.release(addr, slot, size)?;
+        Ok(())
     }
 
     /// Releases the mapping that [`Swiotlb::map`] returned at `addr` for `size` bytes, returning
@@ -427,6 +505,50 @@ impl Swiotlb {
     /// this). Anything but an exact match with a live mapping is an error and changes nothing.
     pub fn unmap(&mut self, addr: PhysAddr, size: u64) -> Result<PhysAddr, SwiotlbError> {
         let slot = self.mapping_at(addr)?;
+        self.release(addr, slot, size).map(|head| PhysAddr(head.orig))
+    }
+
+    /// The original address and size of the live mapping that starts at `addr` (the address
+    /// `map` returned), if there is one.
+    pub fn orig(&self, addr: PhysAddr) -> Option<(PhysAddr, u64)> {
+        let slot = self.mapping_at(addr).ok()?;
+        let h = self.slots.get(slot as usize)?;
+        Some((PhysAddr(h.orig), u64::from(h.size)))
+    }
+
+    /// The free run [`Swiotlb::find`] gives, or [`SwiotlbError::Full`] counted in the stats.
+    fn find_or_count(&mut self, nslots: u32, starts: &Starts) -> Result<u32, SwiotlbError> {
+        self.find(nslots, starts).ok_or_else(|| {
+            self.failed += 1;
+            SwiotlbError::Full {
+                nslots,
+                used: self.used,
+                total: self.nslabs,
+            }
+        })
+    }
+
+    /// Marks the free run `slot .. slot + nslots` (inside one segment) taken, with `head` in its
+    /// first slot.
+    fn take(&mut self, slot: u32, nslots: u32, head: SlotInfo) {
+        if let Some(f) = self.free.get_mut((slot / IO_TLB_SEGSIZE) as usize) {
+            *f &= !bits(slot % IO_TLB_SEGSIZE, nslots);
+        }
+        let range = slot as usize..(slot + nslots) as usize;
+        for s in self.slots.get_mut(range).unwrap_or_default() {
+            s.head = slot;
+        }
+        if let Some(h) = self.slots.get_mut(slot as usize) {
+            *h = head;
+        }
+        self.used += nslots;
+        self.high_water = self.high_water.max(self.used);
+        self.next = (slot + nslots) % self.nslabs;
+    }
+
+    /// Frees the live run whose first slot is `slot` (found at `addr`) if `size` is its size;
+    /// returns its head record.
+    fn release(&mut self, addr: PhysAddr, slot: u32, size: u64) -> Result<SlotInfo, SwiotlbError> {
         let head = self.slots.get(slot as usize).copied().unwrap_or(FREE_SLOT);
         if u64::from(head.size) != size {
             return Err(SwiotlbError::WrongSize {
@@ -444,15 +566,10 @@ impl Swiotlb {
             *f |= bits(slot % IO_TLB_SEGSIZE, nslots);
         }
         self.used -= nslots;
-        Ok(PhysAddr(head.orig))
-    }
-
-    /// The original address and size of the live mapping that starts at `addr` (the address
-    /// `map` returned), if there is one.
-    pub fn orig(&self, addr: PhysAddr) -> Option<(PhysAddr, u64)> {
-        let slot = self.mapping_at(addr).ok()?;
-        let h = self.slots.get(slot as usize)?;
-        Some((PhysAddr(h.orig), u64::from(h.size)))
+        if head.alloc {
+            self.allocated -= nslots;
+        }
+        Ok(head)
     }
 
     /// For a partial sync: the original address of the bounced bytes `addr .. addr + len`, if they
@@ -460,7 +577,7 @@ impl Swiotlb {
     pub fn orig_of(&self, addr: PhysAddr, len: u64) -> Option<PhysAddr> {
         let idx = addr.0.checked_sub(self.base.0)? >> IO_TLB_SHIFT;
         let head = self.slots.get(usize::try_from(idx).ok()?)?.head;
-        let h = self.slots.get(head as usize)?;
+        let h = self.slots.get(head as usize).filter(|h| !h.alloc)?;
         let start = self.slot_addr(head) + u64::from(h.offset);
         let off = addr.0.checked_sub(start)?;
         let size = u64::from(h.size);
@@ -474,16 +591,27 @@ impl Swiotlb {
 
     /// The first slot of the live mapping that `map` returned as `addr`.
     fn mapping_at(&self, addr: PhysAddr) -> Result<u32, SwiotlbError> {
+        match self.run_at(addr)? {
+            Some((slot, head)) if !head.alloc => Ok(slot),
+            Some(_) => Err(SwiotlbError::IsAllocation { addr }),
+            None => Err(SwiotlbError::NotMapped { addr }),
+        }
+    }
+
+    /// The first slot and head record of the live run (mapping or allocation) whose address, as
+    /// `map` or `alloc` returned it, is `addr`; `None` if no run starts there.
+    fn run_at(&self, addr: PhysAddr) -> Result<Option<(u32, SlotInfo)>, SwiotlbError> {
         if !self.contains(addr) {
             return Err(SwiotlbError::OutsidePool { addr });
         }
         let rel = addr.0 - self.base.0;
         // `contains` bounds rel by nslabs * IO_TLB_SIZE, so the index fits a u32.
         let slot = (rel >> IO_TLB_SHIFT) as u32;
-        match self.slots.get(slot as usize) {
-            Some(s) if s.head == slot && u64::from(s.offset) == rel & (IO_TLB_SIZE - 1) => Ok(slot),
-            _ => Err(SwiotlbError::NotMapped { addr }),
-        }
+        Ok(self
+            .slots
+            .get(slot as usize)
+            .filter(|s| s.head == slot && u64::from(s.offset) == rel & (IO_TLB_SIZE - 1))
+            .map(|s| (slot, *s)))
     }
 
     /// The first slot of a free run of `nslots` (1 ..= 128) inside one segment starting at an
@@ -569,6 +697,7 @@ mod tests {
             Stats {
                 total: 300,
                 used: 0,
+                allocated: 0,
                 high_water: 0,
                 failed: 0
             }
@@ -702,6 +831,7 @@ mod tests {
             Stats {
                 total: 256,
                 used: 256,
+                allocated: 0,
                 high_water: 256,
                 failed: 2
             }
@@ -843,7 +973,7 @@ mod tests {
         );
         assert_eq!(
             format!("{e}"),
-            "swiotlb: unmap of 0x40000000 with size 0x1000, but 0x1800 bytes were mapped"
+            "swiotlb: release of 0x40000000 with size 0x1000, but 0x1800 bytes were taken"
         );
         assert_eq!(p.stats(), before);
         assert_eq!(p.orig(PhysAddr(a)), Some((PhysAddr(0x8000_0000), 0x1800)));
@@ -858,11 +988,114 @@ mod tests {
             Stats {
                 total: 256,
                 used: 0,
+                allocated: 0,
                 high_water: 4,
                 failed: 0
             }
         );
         assert_eq!(p.orig(PhysAddr(a)), None);
+    }
+
+    #[test]
+    fn allocations() {
+        let mut p = pool(256);
+        // Aligned as asked (at least a slot), taken in slots, found next-fit like mappings.
+        let a = p.alloc(4096, 4096).unwrap();
+        assert_eq!(a, BounceSlot { addr: PhysAddr(BASE), nslots: 2 });
+        let b = p.alloc(100, 0x4000).unwrap();
+        assert_eq!(b, BounceSlot { addr: PhysAddr(BASE + 0x4000), nslots: 1 });
+        let c = p.alloc(3000, 1).unwrap();
+        assert_eq!(c, BounceSlot { addr: PhysAddr(BASE + 9 * 2048), nslots: 2 });
+        let (m, _) = map(&mut p, 0x8000_0000, 100, 0).unwrap();
+        assert_eq!(m, BASE + 11 * 2048);
+        assert_eq!(
+            p.stats(),
+            Stats {
+                total: 256,
+                used: 6,
+                allocated: 5,
+                high_water: 6,
+                failed: 0
+            }
+        );
+        // No original: invisible to unmap and sync.
+        assert_eq!(p.orig(a.addr), None);
+        assert_eq!(p.orig_of(PhysAddr(BASE + 100), 1), None);
+        let e = p.unmap(a.addr, 4096).unwrap_err();
+        assert_eq!(e, SwiotlbError::IsAllocation { addr: a.addr });
+        assert_eq!(
+            format!("{e}"),
+            "swiotlb: unmap of 0x40000000, which is a coherent allocation, not a bounce mapping"
+        );
+        // Freeing a mapping, the inside of an allocation, another size: refused.
+        let e = p.free(PhysAddr(m), 100).unwrap_err();
+        assert_eq!(e, SwiotlbError::NotAllocated { addr: PhysAddr(m) });
+        assert_eq!(
+            format!("{e}"),
+            "swiotlb: free of 0x40005800, which does not start a live allocation (double free?)"
+        );
+        assert_eq!(
+            p.free(PhysAddr(BASE + 2048), 2048),
+            Err(SwiotlbError::NotAllocated { addr: PhysAddr(BASE + 2048) })
+        );
+        assert_eq!(
+            p.free(a.addr, 4095),
+            Err(SwiotlbError::WrongSize { addr: a.addr, size: 4095, mapped: 4096 })
+        );
+        assert!(matches!(p.free(PhysAddr(BASE - 4096), 4096), Err(SwiotlbError::OutsidePool { .. })));
+        assert_eq!(p.stats().used, 6);
+        // The real frees work, once.
+        assert_eq!(p.free(a.addr, 4096), Ok(()));
+        assert_eq!(p.free(a.addr, 4096), Err(SwiotlbError::NotAllocated { addr: a.addr }));
+        assert_eq!(p.free(b.addr, 100), Ok(()));
+        assert_eq!(p.free(c.addr, 3000), Ok(()));
+        assert_eq!(p.unmap(PhysAddr(m), 100), Ok(PhysAddr(0x8000_0000)));
+        assert_eq!((p.stats().used, p.stats().allocated), (0, 0));
+        // Bad requests.
+        assert_eq!(p.alloc(0, 4096), Err(SwiotlbError::ZeroSize));
+        let e = p.alloc(1, 0x3000).unwrap_err();
+        assert_eq!(e, SwiotlbError::BadAlign { align: 0x3000 });
+        assert_eq!(format!("{e}"), "swiotlb: allocation alignment 0x3000 is not a power of two");
+        assert_eq!(p.alloc(1, 0), Err(SwiotlbError::BadAlign { align: 0 }));
+        assert_eq!(
+            p.alloc(MAX_MAPPING_SIZE + 1, 4096),
+            Err(SwiotlbError::TooLarge { size: MAX_MAPPING_SIZE + 1, offset: 0 })
+        );
+        // An alignment the pool has no address for.
+        assert!(matches!(p.alloc(1, 1 << 40), Err(SwiotlbError::Full { .. })));
+        assert_eq!(p.stats().failed, 1);
+    }
+
+    #[test]
+    fn allocation_alignment_is_physical() {
+        // A pool starting at an odd page: the first 8 KiB-aligned slot is its third.
+        let mut p = Swiotlb::new(PhysAddr(BASE + 0x1000), 128).unwrap();
+        assert_eq!(p.alloc(4096, 0x2000).unwrap().addr, PhysAddr(BASE + 0x2000));
+        assert_eq!(p.alloc(2048, 0x1000).unwrap().addr, PhysAddr(BASE + 0x3000));
+        assert_eq!(p.alloc(1, 0x10000).unwrap().addr, PhysAddr(BASE + 0x10000));
+    }
+
+    #[test]
+    fn allocations_exhaust_and_come_back() {
+        let mut p = pool(128);
+        let mut live = Vec::new();
+        let err = loop {
+            match p.alloc(4096, 4096) {
+                Ok(b) => live.push(b.addr),
+                Err(e) => break e,
+            }
+            assert!(live.len() <= 64, "more allocations than the pool holds");
+        };
+        assert_eq!(live.len(), 64);
+        assert_eq!(err, SwiotlbError::Full { nslots: 2, used: 128, total: 128 });
+        // Mappings find no room either.
+        assert!(matches!(map(&mut p, 0, 1, 0), Err(SwiotlbError::Full { .. })));
+        for a in live {
+            p.free(a, 4096).unwrap();
+        }
+        assert_eq!((p.stats().used, p.stats().allocated, p.stats().failed), (0, 0, 2));
+        // The whole segment is one free run again.
+        assert_eq!(p.alloc(MAX_MAPPING_SIZE, MAX_MAPPING_SIZE).unwrap().addr, PhysAddr(BASE));
     }
 
     #[test]
@@ -901,18 +1134,23 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Map { orig: u64, size: u64, mask: u64 },
-        Unmap(prop::sample::Index),
-        BadUnmap(prop::sample::Index, u8),
+        Alloc { size: u64, align: u64 },
+        /// Unmaps or frees a live run, whichever it is.
+        Release(prop::sample::Index),
+        BadRelease(prop::sample::Index, u8),
         Sync(prop::sample::Index, u64, u64),
     }
 
-    fn op() -> impl Strategy<Value = Op> {
-        let size = prop_oneof![
+    fn size() -> impl Strategy<Value = u64> {
+        prop_oneof![
             4 => 1u64..=2048,
             1 => prop::sample::select(vec![2047u64, 2048, 2049, 4095, 4096, 4097]),
             3 => 1u64..=20_000,
             1 => 1u64..=MAX_MAPPING_SIZE + 4096,
-        ];
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
         let mask = prop_oneof![
             4 => Just(0u64),
             1 => Just(0x7ff),
@@ -922,15 +1160,17 @@ mod tests {
             1 => Just(0x7_ffff),
             1 => Just(0x1000),
         ];
+        let align = prop::sample::select(vec![0u64, 1, 3, 0x800, 0x1000, 0x1000, 0x4000, 0x1_0000, 0x10_0000, 1 << 63]);
         prop_oneof![
-            6 => (0u64..1 << 40, size, mask).prop_map(|(orig, size, mask)| Op::Map { orig, size, mask }),
-            4 => any::<prop::sample::Index>().prop_map(Op::Unmap),
-            1 => (any::<prop::sample::Index>(), 0u8..3).prop_map(|(i, k)| Op::BadUnmap(i, k)),
+            6 => (0u64..1 << 40, size(), mask).prop_map(|(orig, size, mask)| Op::Map { orig, size, mask }),
+            3 => (size(), align).prop_map(|(size, align)| Op::Alloc { size, align }),
+            5 => any::<prop::sample::Index>().prop_map(Op::Release),
+            1 => (any::<prop::sample::Index>(), 0u8..4).prop_map(|(i, k)| Op::BadRelease(i, k)),
             1 => (any::<prop::sample::Index>(), 0u64..0x2000, 0u64..0x2000).prop_map(|(i, o, l)| Op::Sync(i, o, l)),
         ]
     }
 
-    /// A live mapping in the model.
+    /// A live mapping or allocation in the model.
     #[derive(Clone, Copy, Debug)]
     struct Live {
         addr: u64,
@@ -938,11 +1178,18 @@ mod tests {
         orig: u64,
         slot: u64,
         nslots: u64,
+        alloc: bool,
+    }
+
+    /// Whether the run `slot .. slot + n` stays in one segment and inside the pool, all free.
+    fn run_free(used: &[bool], slot: u64, n: u64) -> bool {
+        slot + n <= used.len() as u64
+            && slot / 128 == (slot + n - 1) / 128
+            && (slot..slot + n).all(|s| !used[s as usize])
     }
 
     /// Whether a mapping may start at `slot`, stated as in Linux's search: the slot address
-    /// has the alignment bits clear and the other mask bits of the original; the run stays in
-    /// one segment and inside the pool, all free.
+    /// has the alignment bits clear and the other mask bits of the original; the run is free.
     fn fits_at(
         used: &[bool],
         base: u64,
@@ -959,19 +1206,22 @@ mod tests {
             0x7ff
         };
         let keep = mask & !align;
-        addr & align == 0
-            && addr & keep == orig & keep
-            && slot + n <= used.len() as u64
-            && slot / 128 == (slot + n - 1) / 128
-            && (slot..slot + n).all(|s| !used[s as usize])
+        addr & align == 0 && addr & keep == orig & keep && run_free(used, slot, n)
+    }
+
+    /// Whether an allocation aligned to `align` may start at `slot`.
+    fn alloc_fits_at(used: &[bool], base: u64, slot: u64, n: u64, align: u64) -> bool {
+        (base + slot * 2048) % align.max(2048) == 0 && run_free(used, slot, n)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
 
-        /// Random map/unmap sequences against a slot-by-slot model: results obey the placement
-        /// rules and never overlap; `Full` comes exactly when the model finds no place; bad
-        /// unmaps change nothing; everything returns to the baseline.
+        /// Random map/unmap/alloc/free sequences against a slot-by-slot model: results obey the
+        /// placement rules and never overlap; `Full` comes exactly when the model finds no
+        /// place; bad unmaps and frees (including an unmap of an allocation and a free of a
+        /// mapping) change nothing; allocations are invisible to `orig` and `orig_of`;
+        /// everything returns to the baseline.
         #[test]
         fn matches_the_model(
             base_page in 0u64..1 << 28,
@@ -1012,7 +1262,7 @@ mod tests {
                                 for s in slot..slot + n {
                                     used[s as usize] = true;
                                 }
-                                live.push(Live { addr: b.addr.0, size, orig, slot, nslots: n });
+                                live.push(Live { addr: b.addr.0, size, orig, slot, nslots: n, alloc: false });
                                 prop_assert_eq!(p.orig(b.addr), Some((PhysAddr(orig), size)));
                             }
                             Err(e) => {
@@ -1027,31 +1277,88 @@ mod tests {
                             }
                         }
                     }
-                    Op::Unmap(i) if !live.is_empty() => {
+                    Op::Alloc { size, align } => {
+                        let got = p.alloc(size, align);
+                        if !align.is_power_of_two() {
+                            prop_assert_eq!(got, Err(SwiotlbError::BadAlign { align }));
+                            continue;
+                        }
+                        if size > MAX_MAPPING_SIZE {
+                            prop_assert_eq!(got, Err(SwiotlbError::TooLarge { size, offset: 0 }));
+                            continue;
+                        }
+                        let n = size.div_ceil(2048);
+                        match got {
+                            Ok(b) => {
+                                let rel = b.addr.0 - base;
+                                let slot = rel / 2048;
+                                prop_assert_eq!(rel % 2048, 0);
+                                prop_assert_eq!(u64::from(b.nslots), n);
+                                prop_assert_eq!(b.addr.0 % align, 0);
+                                prop_assert!(alloc_fits_at(&used, base, slot, n, align), "bad place {:?}", b);
+                                for s in slot..slot + n {
+                                    used[s as usize] = true;
+                                }
+                                live.push(Live { addr: b.addr.0, size, orig: 0, slot, nslots: n, alloc: true });
+                                prop_assert_eq!(p.orig(b.addr), None);
+                                prop_assert_eq!(p.orig_of(b.addr, 1), None);
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(e, SwiotlbError::Full {
+                                    nslots: n as u32,
+                                    used: used.iter().filter(|&&u| u).count() as u32,
+                                    total: nslabs,
+                                });
+                                let any = (0..nslabs as u64).any(|s| alloc_fits_at(&used, base, s, n, align));
+                                prop_assert!(!any, "Full although a place exists");
+                                failed += 1;
+                            }
+                        }
+                    }
+                    Op::Release(i) if !live.is_empty() => {
                         let m = live.swap_remove(i.index(live.len()));
-                        prop_assert_eq!(p.unmap(PhysAddr(m.addr), m.size), Ok(PhysAddr(m.orig)));
+                        if m.alloc {
+                            prop_assert_eq!(p.free(PhysAddr(m.addr), m.size), Ok(()));
+                        } else {
+                            prop_assert_eq!(p.unmap(PhysAddr(m.addr), m.size), Ok(PhysAddr(m.orig)));
+                        }
                         for s in m.slot..m.slot + m.nslots {
                             used[s as usize] = false;
                         }
                         dead.push(m.addr);
                     }
-                    Op::BadUnmap(i, kind) => {
+                    Op::BadRelease(i, kind) => {
                         let before = p.stats();
                         match (kind, live.is_empty(), dead.is_empty()) {
                             (0, false, _) => {
                                 let m = live[i.index(live.len())];
-                                let r = p.unmap(PhysAddr(m.addr), m.size + 1);
+                                let r = if m.alloc {
+                                    p.free(PhysAddr(m.addr), m.size + 1)
+                                } else {
+                                    p.unmap(PhysAddr(m.addr), m.size + 1).map(|_| ())
+                                };
                                 prop_assert!(matches!(r, Err(SwiotlbError::WrongSize { .. })), "{:?}", r);
                             }
                             (1, false, _) => {
                                 let m = live[i.index(live.len())];
-                                let r = p.unmap(PhysAddr(m.addr + 1), m.size);
-                                prop_assert!(r.is_err(), "{:?}", r);
+                                prop_assert!(p.unmap(PhysAddr(m.addr + 1), m.size).is_err());
+                                prop_assert!(p.free(PhysAddr(m.addr + 1), m.size).is_err());
+                            }
+                            (2, false, _) => {
+                                // The other kind's release of a live run.
+                                let m = live[i.index(live.len())];
+                                let a = PhysAddr(m.addr);
+                                if m.alloc {
+                                    prop_assert_eq!(p.unmap(a, m.size), Err(SwiotlbError::IsAllocation { addr: a }));
+                                } else {
+                                    prop_assert_eq!(p.free(a, m.size), Err(SwiotlbError::NotAllocated { addr: a }));
+                                }
                             }
                             (_, _, false) => {
                                 let a = dead[i.index(dead.len())];
                                 if !live.iter().any(|m| m.addr == a) {
                                     prop_assert_eq!(p.unmap(PhysAddr(a), 1), Err(SwiotlbError::NotMapped { addr: PhysAddr(a) }));
+                                    prop_assert_eq!(p.free(PhysAddr(a), 1), Err(SwiotlbError::NotAllocated { addr: PhysAddr(a) }));
                                 }
                             }
                             _ => {}
@@ -1059,29 +1366,37 @@ mod tests {
                         prop_assert_eq!(p.stats(), before);
                     }
                     Op::Sync(i, off, len) if !live.is_empty() => {
-                        // Past its own mapping, the address may fall into another one.
+                        // Past its own run, the address may fall into another one; only mappings
+                        // have an original.
                         let a = live[i.index(live.len())].addr + off;
                         let want = live
                             .iter()
-                            .find(|l| l.addr <= a && a < l.addr + l.size && a + len <= l.addr + l.size)
+                            .find(|l| !l.alloc && l.addr <= a && a < l.addr + l.size && a + len <= l.addr + l.size)
                             .map(|l| PhysAddr(l.orig + (a - l.addr)));
                         prop_assert_eq!(p.orig_of(PhysAddr(a), len), want);
                     }
                     _ => {}
                 }
                 let in_use = used.iter().filter(|&&u| u).count() as u64;
+                let allocated: u64 = live.iter().filter(|l| l.alloc).map(|l| l.nslots).sum();
                 high = high.max(in_use);
                 prop_assert_eq!(p.stats(), Stats {
                     total: nslabs,
                     used: in_use as u32,
+                    allocated: allocated as u32,
                     high_water: high as u32,
                     failed,
                 });
             }
             for m in live.drain(..) {
-                prop_assert_eq!(p.unmap(PhysAddr(m.addr), m.size), Ok(PhysAddr(m.orig)));
+                if m.alloc {
+                    prop_assert_eq!(p.free(PhysAddr(m.addr), m.size), Ok(()));
+                } else {
+                    prop_assert_eq!(p.unmap(PhysAddr(m.addr), m.size), Ok(PhysAddr(m.orig)));
+                }
             }
             prop_assert_eq!(p.stats().used, 0);
+            prop_assert_eq!(p.stats().allocated, 0);
             // Back to baseline: every whole segment takes a full-size mapping again.
             for _ in 0..nslabs / 128 {
                 prop_assert!(p.map(PhysAddr(0), MAX_MAPPING_SIZE, 0).is_ok());

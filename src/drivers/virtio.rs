@@ -3,9 +3,10 @@
 //! coherent allocation, `share` / `unshare` a streaming map / unmap in the buffer's direction.
 //!
 //! The crate's `Hal` has no device argument, so one DMA [`Device`] serves every virtio-mmio slot:
-//! the one of the first `virtio,mmio` node with a `memory-region` (a restricted DMA pool, whose
-//! bounce buffers then carry the streaming DMA of every slot), else of the first `virtio,mmio`
-//! node (QEMU gives all slots the same bus and coherence). Its functions cannot return errors
+//! the one of the first `virtio,mmio` node with a `memory-region` (a restricted DMA pool, which
+//! then holds all the DMA memory of every slot: the virtqueues, coherent allocations, and the
+//! bounce buffers of the shared buffers), else of the first `virtio,mmio` node (QEMU gives all
+//! slots the same bus and coherence). Its functions cannot return errors
 //! either: a failed allocation or mapping panics with the DMA layer's message (the crate would
 //! otherwise hand the device a bogus address), and the kernel's panic handler reports it and
 //! ends the run as a failure rather than let the device hang on it.
@@ -221,13 +222,26 @@ mod ktests {
         Ok(())
     }
 
-    /// With a `restricted-dma-pool` on the virtio device (tests/dts/virt-restricted.dts), every
-    /// buffer the Hal shared for a read lies inside that pool, and the read is still right.
+    /// With a `restricted-dma-pool` on the virtio device (tests/dts/virt-restricted.dts), all
+    /// the device's DMA memory lies inside that pool: every buffer the Hal shared for a read,
+    /// and the virtqueues (the Hal's coherent allocations). The read is still right, no bounce
+    /// slot outlives its request, and dropping the device gives the virtqueues' slots back.
     fn restricted_pool_used() -> TestResult {
         let Some(pool) = dma_device().and_then(Device::own_bounce_pool) else {
             kskip!("the virtio DMA device has no restricted pool");
         };
+        kassert!(pool.serves_alloc(), "the virtio device's pool is not a restricted pool");
+        let before = pool.stats();
         let mut blk = blk()?;
+        let queues = pool.stats();
+        kassert!(queues.allocated > before.allocated, "the virtqueues took no slots of the restricted pool");
+        let coherent: alloc::vec::Vec<(PhysAddr, u64)> = COHERENT.lock().values().map(|c| (c.phys(), c.size())).collect();
+        kassert!(!coherent.is_empty(), "no live coherent allocation with a virtio-blk device up");
+        for (phys, size) in &coherent {
+            let end = phys.0.checked_add(*size);
+            let inside = pool.contains(*phys) && end.is_some_and(|e| e <= pool.base().0 + pool.size());
+            kassert!(inside, "virtqueue memory {phys} + {size:#x} outside the restricted pool at {}", pool.base());
+        }
         SHARED_IN_OWN_POOL.store(0, Ordering::Relaxed);
         SHARED_OUTSIDE_OWN_POOL.store(0, Ordering::Relaxed);
         let mut buf = vec![0u8; CHUNK];
@@ -238,8 +252,18 @@ mod ktests {
         let (inside, outside) = (SHARED_IN_OWN_POOL.load(Ordering::Relaxed), SHARED_OUTSIDE_OWN_POOL.load(Ordering::Relaxed));
         kassert!(inside > 0, "no buffer was shared");
         kassert_eq!(outside, 0, "buffers shared outside the restricted pool at {}", pool.base());
-        kassert_eq!(pool.stats().used, 0, "restricted pool slots leaked");
-        crate::println!("# virtio: {inside} buffers shared through the restricted pool at {} ({:#x} bytes)", pool.base(), pool.size());
+        let after = pool.stats();
+        kassert_eq!(after.used - after.allocated, 0, "restricted pool bounce slots leaked");
+        kassert_eq!(after.allocated, queues.allocated, "coherent slots changed by a read");
+        drop(blk);
+        kassert_eq!(pool.stats().used, before.used, "the virtqueues' slots were not given back");
+        crate::println!(
+            "# virtio: {inside} buffers shared and {} coherent allocations ({} slots) in the restricted pool at {} ({:#x} bytes)",
+            coherent.len(),
+            queues.allocated - before.allocated,
+            pool.base(),
+            pool.size()
+        );
         Ok(())
     }
 
