@@ -112,7 +112,8 @@ in_el1:
     isb
     ret
 
-// Apply R_AARCH64_RELATIVE entries for load base x21. Returns x0 = 0, or 1 on an unknown type.
+// Apply the R_AARCH64_RELATIVE entries of .rela.dyn and the packed ones of .relr.dyn for load
+// base x21. Returns x0 = 0, or 1 on an unknown type.
 apply_relocations:
     adrp    x0, __rela_start
     add     x0, x0, :lo12:__rela_start
@@ -127,7 +128,37 @@ apply_relocations:
     add     x4, x4, x21
     str     x4, [x21, x2]
     b       1b
-2:  mov     x0, #0
+// Then the RELR table (the ELF gABI's SHT_RELR), whose addends are the words in place: an even
+// entry is the offset of one word to relocate, after which x5 points; an odd entry is a bitmap of
+// which of the 63 words from x5 to relocate (bit i + 1 for word i), after which x5 moves on by 63.
+2:  adrp    x0, __relr_start
+    add     x0, x0, :lo12:__relr_start
+    adrp    x1, __relr_end
+    add     x1, x1, :lo12:__relr_end
+    mov     x5, x21
+4:  cmp     x0, x1
+    b.hs    8f
+    ldr     x2, [x0], #8
+    tbnz    x2, #0, 5f
+    add     x3, x21, x2
+    ldr     x4, [x3]
+    add     x4, x4, x21
+    str     x4, [x3], #8
+    mov     x5, x3
+    b       4b
+5:  lsr     x2, x2, #1
+    mov     x3, x5
+6:  cbz     x2, 7f
+    tbz     x2, #0, 9f
+    ldr     x4, [x3]
+    add     x4, x4, x21
+    str     x4, [x3]
+9:  lsr     x2, x2, #1
+    add     x3, x3, #8
+    b       6b
+7:  add     x5, x5, #(63 * 8)
+    b       4b
+8:  mov     x0, #0
     ret
 3:  mov     x0, #1
     ret

@@ -154,7 +154,8 @@ exception_stacks_setup:
     bx      lr
 
 // Apply the R_ARM_RELATIVE entries of .rel.dyn (REL: r_offset, r_info; the addend is the word in
-// place) for load base r6. Returns r0 = 0, or 1 on any other entry (type or symbol index).
+// place) and the packed ones of .relr.dyn for load base r6. Returns r0 = 0, or 1 on any other
+// .rel.dyn entry (type or symbol index). Clobbers r0-r3, r7 and r12.
 apply_relocations:
     ADDR    r0, __rel_start
     ADDR    r1, __rel_end
@@ -167,7 +168,37 @@ apply_relocations:
     add     r3, r3, r6
     str     r3, [r6, r2]
     b       1b
-2:  mov     r0, #0
+// Then the RELR table (the ELF gABI's SHT_RELR), whose addends are the words in place: an even
+// entry is the offset of one word to relocate, after which r7 points; an odd entry is a bitmap of
+// which of the 31 words from r7 to relocate (bit i + 1 for word i), after which r7 moves on by 31.
+2:  ADDR    r0, __relr_start
+    ADDR    r1, __relr_end
+    mov     r7, r6
+4:  cmp     r0, r1
+    bhs     8f
+    ldr     r2, [r0], #4
+    tst     r2, #1
+    bne     5f
+    add     r3, r6, r2
+    ldr     r12, [r3]
+    add     r12, r12, r6
+    str     r12, [r3], #4
+    mov     r7, r3
+    b       4b
+5:  lsr     r2, r2, #1
+    mov     r3, r7
+6:  cmp     r2, #0
+    beq     7f
+    tst     r2, #1
+    ldrne   r12, [r3]
+    addne   r12, r12, r6
+    strne   r12, [r3]
+    lsr     r2, r2, #1
+    add     r3, r3, #4
+    b       6b
+7:  add     r7, r7, #(31 * 4)
+    b       4b
+8:  mov     r0, #0
     bx      lr
 3:  mov     r0, #1
     bx      lr

@@ -15,6 +15,7 @@ pub mod dma;
 pub mod drivers;
 pub mod dt;
 pub mod mm;
+pub mod sort;
 
 #[cfg(target_os = "none")]
 pub mod arch;

@@ -313,7 +313,7 @@ mod kernel {
 
         /// Maps `phys .. phys + size`, memory the caller owns until the unmap, for the device in
         /// direction `dir`; returns the device address (possibly of a bounce buffer).
-        #[inline]
+        #[inline(always)]
         pub fn map_phys(&self, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
             match self.backend() {
                 Backend::Direct => direct::map(self, phys, size, dir, attrs),
@@ -328,7 +328,7 @@ mod kernel {
         }
 
         /// Ends a mapping made by [`Device::map_phys`] with the same size and direction.
-        #[inline]
+        #[inline(always)]
         pub fn unmap_phys(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
             match self.backend() {
                 Backend::Direct => direct::unmap(self, dma, size, dir, attrs),

@@ -100,13 +100,13 @@ impl BouncePool {
 
     /// Whether the pool serves its devices' coherent allocations (Linux's
     /// `is_swiotlb_for_alloc`): true for a restricted pool.
-    #[inline]
+    #[inline(always)]
     pub fn serves_alloc(&self) -> bool {
         self.for_alloc
     }
 
     /// Whether `phys` lies in the pool (read without the lock: the range never changes).
-    #[inline]
+    #[inline(always)]
     pub fn contains(&self, phys: PhysAddr) -> bool {
         phys.0.checked_sub(self.base.0).is_some_and(|off| off < self.size)
     }
@@ -246,19 +246,19 @@ mod kernel {
     static PLATFORM_SIZE: AtomicU64 = AtomicU64::new(0);
 
     /// Whether the platform pool exists and bounces every streaming mapping (`swiotlb=force`).
-    #[inline]
+    #[inline(always)]
     pub fn platform_forced() -> bool {
         PLATFORM_FORCED.load(Ordering::Relaxed)
     }
 
     /// Whether `phys` lies in the platform pool (false without one).
-    #[inline]
+    #[inline(always)]
     pub fn in_platform_pool(phys: PhysAddr) -> bool {
         phys.0.wrapping_sub(PLATFORM_BASE.load(Ordering::Relaxed)) < PLATFORM_SIZE.load(Ordering::Relaxed)
     }
 
     /// The platform's bounce pool; `None` before [`init`] or if it could not be reserved.
-    #[inline]
+    #[inline(always)]
     pub fn platform_pool() -> Option<&'static BouncePool> {
         PLATFORM_POOL.get().and_then(Option::as_ref)
     }

@@ -204,7 +204,7 @@ impl BusMap {
         Ok(map)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn is_identity(&self) -> bool {
         self.len == 0
     }
@@ -224,7 +224,7 @@ impl BusMap {
     /// range lies inside one window (for the identity: unless it runs past 2^64). A range
     /// straddling two windows that happen to be contiguous on both sides is refused too; the
     /// caller maps it in pieces or bounces it.
-    #[inline]
+    #[inline(always)]
     pub fn phys_to_bus(&self, phys: PhysAddr, len: u64) -> Option<DmaAddr> {
         if self.is_identity() {
             return fits(phys.0, len).then_some(DmaAddr(phys.0));
@@ -245,7 +245,7 @@ impl BusMap {
 
     /// The CPU physical address of the device's `bus .. bus + len`, under the same rules as
     /// [`BusMap::phys_to_bus`].
-    #[inline]
+    #[inline(always)]
     pub fn bus_to_phys(&self, bus: DmaAddr, len: u64) -> Option<PhysAddr> {
         if self.is_identity() {
             return fits(bus.0, len).then_some(PhysAddr(bus.0));

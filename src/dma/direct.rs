@@ -54,14 +54,14 @@ mod kernel {
     use crate::dma::{Device, GfpFlags};
 
     /// The pool `dev` bounces through: its own, else the platform's.
-    #[inline]
+    #[inline(always)]
     fn pool_for(dev: &Device) -> Option<&'static BouncePool> {
         dev.own_bounce_pool().or_else(platform_pool)
     }
 
     /// Whether every streaming mapping of `dev` bounces: its own pool says so (a restricted pool
     /// always does), or it has none and `swiotlb=force` was given.
-    #[inline]
+    #[inline(always)]
     fn force_bounce(dev: &Device) -> bool {
         match dev.own_bounce_pool() {
             Some(p) => p.is_forced(),
@@ -69,7 +69,7 @@ mod kernel {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn va(phys: PhysAddr, size: u64) -> Result<usize, DmaError> {
         usize::try_from(phys.0)
             .ok()
@@ -77,23 +77,23 @@ mod kernel {
             .ok_or(DmaError::NotCpuAddressable { phys, size })
     }
 
-    #[inline]
+    #[inline(always)]
     fn for_device(phys: PhysAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
         maint::for_device(&mut PocOps::new(), va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
     }
 
-    #[inline]
+    #[inline(always)]
     fn for_cpu(phys: PhysAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
         maint::for_cpu(&mut PocOps::new(), va(phys, size)?, size as usize, dir).map_err(DmaError::Maint)
     }
 
-    #[inline]
+    #[inline(always)]
     fn needs_sync(dev: &Device, attrs: DmaAttrs) -> bool {
         maint::needs_maintenance(dev.is_coherent()) && !attrs.contains(DmaAttrs::SKIP_CPU_SYNC)
     }
 
     /// See the module documentation.
-    #[inline]
+    #[inline(always)]
     pub fn map(dev: &Device, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroSize);
@@ -148,7 +148,7 @@ mod kernel {
     }
 
     /// The physical address behind `dma .. dma + size`, and the pool it lies in if bounced.
-    #[inline]
+    #[inline(always)]
     fn lookup(dev: &Device, dma: DmaAddr, size: u64) -> Result<(PhysAddr, Option<&'static BouncePool>), DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroSize);
@@ -159,7 +159,7 @@ mod kernel {
 
     /// Whether `phys` lies in the pool `dev` bounces through (without fetching the pool: the
     /// platform pool's range is kept apart for this test).
-    #[inline]
+    #[inline(always)]
     fn in_bounce_pool(dev: &Device, phys: PhysAddr) -> bool {
         match dev.own_bounce_pool() {
             Some(p) => p.contains(phys),
@@ -169,7 +169,7 @@ mod kernel {
 
     /// Ends a mapping: for a non-coherent device invalidates what the device wrote, for a bounced
     /// mapping copies it back and frees the slots.
-    #[inline]
+    #[inline(always)]
     pub fn unmap(dev: &Device, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroSize);

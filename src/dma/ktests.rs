@@ -270,7 +270,7 @@ fn restricted_pool_exhaustion() -> TestResult {
     crate::println!("# restricted pool full: {err}");
     kassert!(live.iter().all(|a| inside(pool, a.phys(), SIZE)), "a buffer outside the pool");
     let mut starts: Vec<u64> = live.iter().map(|a| a.phys().0).collect();
-    starts.sort_unstable();
+    crate::sort::sort_small(&mut starts);
     starts.dedup();
     kassert_eq!(starts.len(), live.len(), "two buffers at one address");
     kassert_eq!(pool.stats().used, pool.stats().total);

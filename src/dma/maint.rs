@@ -159,7 +159,7 @@ impl Lines {
 /// device), in direction `dir`: one clean to the PoC of every line the buffer touches, whatever
 /// the direction (see the module documentation for why from-device is cleaned too). An empty
 /// buffer needs nothing.
-#[inline]
+#[inline(always)]
 pub fn for_device<C: CacheOps + ?Sized>(
     ops: &mut C,
     va: usize,
@@ -183,7 +183,7 @@ pub fn for_device<C: CacheOps + ?Sized>(
 /// direction `dir`. To-device: nothing. From-device and bidirectional: a partial line at either
 /// edge is cleaned and invalidated, the whole lines between are invalidated, in ascending order
 /// and one operation per line (a buffer inside one line gets a single clean+invalidate).
-#[inline]
+#[inline(always)]
 pub fn for_cpu<C: CacheOps + ?Sized>(
     ops: &mut C,
     va: usize,

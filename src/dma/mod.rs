@@ -143,7 +143,7 @@ impl Device {
     }
 
     /// The bounce pool the device owns, if any (otherwise the platform's pool serves it).
-    #[inline]
+    #[inline(always)]
     pub fn own_bounce_pool(&self) -> Option<&'static BouncePool> {
         self.pool
     }
@@ -164,7 +164,7 @@ impl Device {
     }
 
     /// Whether the device snoops the CPU caches (no cache maintenance needed).
-    #[inline]
+    #[inline(always)]
     pub fn is_coherent(&self) -> bool {
         self.coherent
     }
@@ -175,7 +175,7 @@ impl Device {
 
     /// Whether `phys .. phys + len` is reachable under the streaming mask: its bus address, if the
     /// bus map has one, with the last byte at most [`Device::mask`].
-    #[inline]
+    #[inline(always)]
     pub fn bus_addr_within_mask(&self, phys: PhysAddr, len: u64) -> Option<busmap::DmaAddr> {
         within_mask(&self.bus, self.mask, phys, len)
     }
@@ -244,7 +244,7 @@ pub fn is_coherent_in_dt(node: &crate::dt::Node<'_>) -> bool {
 
 /// The bus address of `phys .. phys + len` through `bus`, if the whole range translates and its
 /// last byte is at most `mask` (Linux's `dma_capable`). `None` for an empty range.
-#[inline]
+#[inline(always)]
 pub fn within_mask(bus: &BusMap, mask: u64, phys: PhysAddr, len: u64) -> Option<busmap::DmaAddr> {
     if bus.is_identity() {
         // The last byte's address not overflowing is all the identity asks.

@@ -69,7 +69,7 @@ macro_rules! ktest_suite {
 macro_rules! kassert {
     ($cond:expr) => {
         if !$cond {
-            return Err($crate::ktest::fail(file!(), line!(), format_args!("assertion failed: {}", stringify!($cond))));
+            return Err($crate::ktest::fail_str(file!(), line!(), concat!("assertion failed: ", stringify!($cond))));
         }
     };
     ($cond:expr, $($arg:tt)+) => {
@@ -86,11 +86,7 @@ macro_rules! kassert_eq {
         match (&$left, &$right) {
             (l, r) => {
                 if l != r {
-                    return Err($crate::ktest::fail(
-                        file!(),
-                        line!(),
-                        format_args!("{} == {} failed: {:?} != {:?}", stringify!($left), stringify!($right), l, r),
-                    ));
+                    return Err($crate::ktest::fail_eq(file!(), line!(), concat!(stringify!($left), " == ", stringify!($right), " failed"), l, r));
                 }
             }
         }
@@ -99,11 +95,7 @@ macro_rules! kassert_eq {
         match (&$left, &$right) {
             (l, r) => {
                 if l != r {
-                    return Err($crate::ktest::fail(
-                        file!(),
-                        line!(),
-                        format_args!("{:?} != {:?}: {}", l, r, format_args!($($arg)+)),
-                    ));
+                    return Err($crate::ktest::fail_eq_msg(file!(), line!(), l, r, format_args!($($arg)+)));
                 }
             }
         }
@@ -114,7 +106,7 @@ macro_rules! kassert_eq {
 #[macro_export]
 macro_rules! kskip {
     ($($arg:tt)+) => {
-        return Err($crate::ktest::NotPassed::Skip(alloc::format!($($arg)+)))
+        return Err($crate::ktest::skip(format_args!($($arg)+)))
     };
 }
 
@@ -125,17 +117,61 @@ macro_rules! ktry {
         match $e {
             Ok(v) => v,
             Err(err) => {
-                return Err($crate::ktest::fail(file!(), line!(), format_args!("{}: {}", stringify!($e), err)));
+                return Err($crate::ktest::fail_display(file!(), line!(), stringify!($e), &err));
             }
         }
     };
 }
 
+// The failure paths of the macros above are out of line, cold and take their values as trait
+// objects, so that each of the hundreds of assertion sites costs a call rather than an inlined
+// formatting sequence, and there is one copy per helper rather than one per asserted type.
+// (`file!()`/`line!()` are passed explicitly: `#[track_caller]` would add a relocated `Location`
+// per site, which costs more in this position-independent image than the two arguments.)
+
+/// `file:line: message`.
 #[doc(hidden)]
+#[cold]
+#[inline(never)]
 pub fn fail(file: &str, line: u32, args: fmt::Arguments) -> NotPassed {
     let mut s = String::new();
     let _ = write!(s, "{file}:{line}: {args}");
     NotPassed::Fail(s)
+}
+
+#[doc(hidden)]
+#[cold]
+#[inline(never)]
+pub fn fail_str(file: &str, line: u32, msg: &str) -> NotPassed {
+    fail(file, line, format_args!("{msg}"))
+}
+
+#[doc(hidden)]
+#[cold]
+#[inline(never)]
+pub fn fail_eq<L: fmt::Debug, R: fmt::Debug>(file: &str, line: u32, what: &str, left: L, right: R) -> NotPassed {
+    fail(file, line, format_args!("{what}: {left:?} != {right:?}"))
+}
+
+#[doc(hidden)]
+#[cold]
+#[inline(never)]
+pub fn fail_eq_msg<L: fmt::Debug, R: fmt::Debug>(file: &str, line: u32, left: L, right: R, msg: fmt::Arguments) -> NotPassed {
+    fail(file, line, format_args!("{left:?} != {right:?}: {msg}"))
+}
+
+#[doc(hidden)]
+#[cold]
+#[inline(never)]
+pub fn fail_display<E: fmt::Display>(file: &str, line: u32, what: &str, err: E) -> NotPassed {
+    fail(file, line, format_args!("{what}: {err}"))
+}
+
+#[doc(hidden)]
+#[cold]
+#[inline(never)]
+pub fn skip(args: fmt::Arguments) -> NotPassed {
+    NotPassed::Skip(alloc::fmt::format(args))
 }
 
 /// Which cases `ktest.filter` selects: a comma-separated list of globs, each matched against the

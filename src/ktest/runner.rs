@@ -45,7 +45,7 @@ fn emit(s: &str) {
 /// line and plan (for the boot-time diagnostic). Returns the case totals.
 pub fn run_all(filter: &Filter, header: impl FnOnce()) -> Totals {
     let mut suites: Vec<&'static Suite> = all_suites().iter().collect();
-    suites.sort_by_key(|s| s.name);
+    crate::sort::sort_small_by_key(&mut suites, |s| s.name);
     let selected: Vec<(&'static Suite, Vec<usize>)> = suites
         .into_iter()
         .map(|s| (s, (0..s.cases.len()).filter(|&i| filter.selects(s.name, s.cases[i].name)).collect::<Vec<_>>()))

@@ -320,7 +320,7 @@ mod heapless_cuts {
             }
         }
         pub fn sort(&mut self) {
-            self.v[..self.n].sort_unstable_by_key(|c| c.0);
+            crate::sort::sort_small_by_key(&mut self.v[..self.n], |c| c.0);
         }
         pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Option<Perms>)> + '_ {
             self.v[..self.n].iter().copied()

@@ -9,7 +9,7 @@
 
 /// Smallest data-cache line size in bytes of any cache the CPU has (CTR_EL0.DminLine, bits 19:16,
 /// log2 of the number of 4-byte words). aarch64-cpu has no CTR_EL0 accessor, hence the `mrs`.
-#[inline]
+#[inline(always)]
 pub fn line_size() -> usize {
     let ctr: u64;
     // SAFETY: reading CTR_EL0 has no side effects; EL1 may read it.
@@ -63,7 +63,7 @@ lines_op!(invalidate_lines, "ivac", "Invalidate `count` lines from `first`: dirt
 lines_op!(clean_invalidate_lines, "civac", "Clean and invalidate `count` lines from `first` to the point of coherency.");
 
 /// The lines touching `[start, start+len)` as (first line, count, line size); none when empty.
-#[inline]
+#[inline(always)]
 fn lines_of(start: usize, len: usize) -> Option<(usize, usize, usize)> {
     let line = line_size();
     let last = start.checked_add(len.checked_sub(1)?).unwrap_or(usize::MAX);
@@ -72,7 +72,7 @@ fn lines_of(start: usize, len: usize) -> Option<(usize, usize, usize)> {
 }
 
 /// Clean [start, start+len) to the point of coherency, then DSB.
-#[inline]
+#[inline(always)]
 pub fn clean(start: usize, len: usize) {
     if let Some((first, count, line)) = lines_of(start, len) {
         clean_lines(first, count, line);
@@ -81,7 +81,7 @@ pub fn clean(start: usize, len: usize) {
 }
 
 /// Invalidate [start, start+len), then DSB: dirty data in those lines is lost.
-#[inline]
+#[inline(always)]
 pub fn invalidate(start: usize, len: usize) {
     if let Some((first, count, line)) = lines_of(start, len) {
         invalidate_lines(first, count, line);
@@ -90,7 +90,7 @@ pub fn invalidate(start: usize, len: usize) {
 }
 
 /// Clean and invalidate [start, start+len) to the point of coherency, then DSB.
-#[inline]
+#[inline(always)]
 pub fn clean_invalidate(start: usize, len: usize) {
     if let Some((first, count, line)) = lines_of(start, len) {
         clean_invalidate_lines(first, count, line);

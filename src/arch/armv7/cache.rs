@@ -15,7 +15,7 @@ use aarch32_cpu::register::Ctr;
 
 /// Smallest data-cache line size in bytes of any cache the CPU has (CTR.DminLine, bits 19:16, log2
 /// of the number of 4-byte words).
-#[inline]
+#[inline(always)]
 pub fn line_size() -> usize {
     4 << ((Ctr::read().0 >> 16) & 0xf)
 }
@@ -66,7 +66,7 @@ lines_op!(invalidate_lines, "c6", "Invalidate `count` lines from `first` (DCIMVA
 lines_op!(clean_invalidate_lines, "c14", "Clean and invalidate `count` lines from `first` to the point of coherency (DCCIMVAC).");
 
 /// The lines touching `[start, start+len)` as (first line, count, line size); none when empty.
-#[inline]
+#[inline(always)]
 fn lines_of(start: usize, len: usize) -> Option<(usize, usize, usize)> {
     let line = line_size();
     let last = start.checked_add(len.checked_sub(1)?).unwrap_or(usize::MAX);
@@ -75,7 +75,7 @@ fn lines_of(start: usize, len: usize) -> Option<(usize, usize, usize)> {
 }
 
 /// Clean [start, start+len) to the point of coherency (DCCMVAC), then DSB.
-#[inline]
+#[inline(always)]
 pub fn clean(start: usize, len: usize) {
     if let Some((first, count, line)) = lines_of(start, len) {
         clean_lines(first, count, line);
@@ -84,7 +84,7 @@ pub fn clean(start: usize, len: usize) {
 }
 
 /// Invalidate [start, start+len) (DCIMVAC), then DSB: dirty data in those lines is lost.
-#[inline]
+#[inline(always)]
 pub fn invalidate(start: usize, len: usize) {
     if let Some((first, count, line)) = lines_of(start, len) {
         invalidate_lines(first, count, line);
@@ -93,7 +93,7 @@ pub fn invalidate(start: usize, len: usize) {
 }
 
 /// Clean and invalidate [start, start+len) to the point of coherency (DCCIMVAC), then DSB.
-#[inline]
+#[inline(always)]
 pub fn clean_invalidate(start: usize, len: usize) {
     if let Some((first, count, line)) = lines_of(start, len) {
         clean_invalidate_lines(first, count, line);

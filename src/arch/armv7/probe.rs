@@ -14,6 +14,12 @@ core::arch::global_asm!(
     ".global probe_read_insn",
     ".global probe_write_insn",
     ".global probe_fault_return",
+    // Typed as A32 functions so that calls from Thumb code are linked as interworking `blx`.
+    ".type probe_read_u64, %function",
+    ".type probe_write_u64, %function",
+    ".type probe_read_insn, %function",
+    ".type probe_write_insn, %function",
+    ".type probe_fault_return, %function",
     // r0 = address, r1 = where to store the value; returns r0 = 0 (or 1 after a fault).
     "probe_read_u64:",
     "probe_read_insn:",

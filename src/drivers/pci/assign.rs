@@ -42,7 +42,7 @@ pub fn assign(bars: &[(Bdf, BarInfo)], windows: &[Window]) -> Result<Vec<(Bdf, B
         .map(|(i, (bdf, info))| (i, *bdf, *info))
         .collect();
     // Stable: equal sizes keep bus order, so the result does not depend on the sort.
-    order.sort_by_key(|(_, _, info)| Reverse(info.size));
+    crate::sort::sort_small_by_key(&mut order, |(_, _, info)| Reverse(info.size));
 
     let mut placed = Vec::with_capacity(order.len());
     for (i, bdf, info) in order {
@@ -62,7 +62,7 @@ pub fn assign(bars: &[(Bdf, BarInfo)], windows: &[Window]) -> Result<Vec<(Bdf, B
         })?;
         placed.push((i, bdf, bar));
     }
-    placed.sort_by_key(|(i, _, _)| *i);
+    crate::sort::sort_small_by_key(&mut placed, |(i, _, _)| *i);
     Ok(placed.into_iter().map(|(_, bdf, bar)| (bdf, bar)).collect())
 }
 
@@ -128,7 +128,7 @@ fn place(bar: &BarInfo, windows: &[Window], cursors: &mut [u64]) -> Option<Bar> 
         .enumerate()
         .filter_map(|(i, w)| Some((rank(bar, w)?, i)))
         .collect();
-    candidates.sort_unstable();
+    crate::sort::sort_small(&mut candidates);
     for (_, i) in candidates {
         let (Some(w), Some(cursor)) = (windows.get(i), cursors.get_mut(i)) else {
             continue;
