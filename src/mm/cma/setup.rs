@@ -266,7 +266,15 @@ impl CmaSetup {
             let placed = dt_region(&rm, map).and_then(|(region, origin)| {
                 // A `reg` area is normally reserved already, by the memory map's own reading of
                 // /reserved-memory; whatever is not must be, or the page allocator would own it.
-                let recorded = map.reservations().iter().any(|r| r.region.base() == region.base && r.region.size() == region.size);
+                // Only this node's own reservation counts: another node's at the same place
+                // (two pools with one `reg`) must make this one's reservation fail, not pass.
+                let own = crate::mm::memmap::ResName::new(name);
+                let recorded = map.reservations().iter().any(|r| {
+                    r.region.base() == region.base
+                        && r.region.size() == region.size
+                        && r.kind == ReservationKind::ReservedMemory { no_map: false }
+                        && r.name == own
+                });
                 self.add(name, region, origin, node, map, !recorded)
             });
             match placed {
@@ -661,6 +669,22 @@ mod ktests {
 pub(crate) mod tests {
     use super::*;
     use crate::dt::fixtures::*;
+
+    /// Found by the cma_placement fuzz target: two pools with one `reg`, on a map that lacks their
+    /// reservations (the boot path refuses such a tree earlier, in MemoryMap::from_dt). The second
+    /// pool must not pass as reserved on the strength of the first one's reservation.
+    #[test]
+    fn two_pools_with_one_reg_give_one_area() {
+        let blob = include_bytes!("../../../fuzz/regressions/cma_placement/duplicate-reg-areas.dtb");
+        let dt = DeviceTree::from_bytes(blob).unwrap();
+        let mut map = MemoryMap::new();
+        map.add_ram(Region::new(PhysAddr(0x4000_0000), 0x4000_0000).unwrap()).unwrap();
+        let setup = CmaSetup::new(&dt, None, &mut map);
+        let at_base = setup.areas.iter().filter(|a| a.area.base() == PhysAddr(0x4000_0000)).count();
+        assert_eq!(at_base, 1, "{:?}", setup.log);
+        assert_eq!(setup.refusals.len(), 1, "{:?}", setup.log);
+        assert!(setup.log.iter().any(|l| l.contains("`b@40000000` refused")), "{:?}", setup.log);
+    }
 
     /// A minimal flattened-device-tree writer for trees the fixtures do not cover.
     pub(crate) struct FdtWriter {
