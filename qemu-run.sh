@@ -156,7 +156,7 @@ if [ "$gdb" = 1 ]; then
     args+=(-s -S)
     case "$arch" in aarch64) load=0x40200000 ;; armv7) load=0x40010000 ;; esac
     echo "qemu-run.sh: waiting for gdb on :1234. In another terminal:" >&2
-    echo "  gdb-multiarch -ex 'target remote :1234' -ex 'add-symbol-file $here/$elf -o $load'" >&2
+    echo "  gdb-multiarch -ex 'target remote :1234' -ex 'add-symbol-file $elf -o $load'" >&2
     timeout=0
 fi
 args+=("${extra[@]}")
