@@ -62,41 +62,9 @@ lines_op!(clean_lines, "cvac", "Clean `count` lines from `first` to the point of
 lines_op!(invalidate_lines, "ivac", "Invalidate `count` lines from `first`: dirty data in them is lost.");
 lines_op!(clean_invalidate_lines, "civac", "Clean and invalidate `count` lines from `first` to the point of coherency.");
 
-/// The lines touching `[start, start+len)` as (first line, count, line size); none when empty.
-#[inline(always)]
-fn lines_of(start: usize, len: usize) -> Option<(usize, usize, usize)> {
-    let line = line_size();
-    let last = start.checked_add(len.checked_sub(1)?).unwrap_or(usize::MAX);
-    let first = start & !(line - 1);
-    Some((first, (last - first) / line + 1, line))
-}
-
-/// Clean [start, start+len) to the point of coherency, then DSB.
-#[inline(always)]
-pub fn clean(start: usize, len: usize) {
-    if let Some((first, count, line)) = lines_of(start, len) {
-        clean_lines(first, count, line);
-        dsb();
-    }
-}
-
-/// Invalidate [start, start+len), then DSB: dirty data in those lines is lost.
-#[inline(always)]
-pub fn invalidate(start: usize, len: usize) {
-    if let Some((first, count, line)) = lines_of(start, len) {
-        invalidate_lines(first, count, line);
-        dsb();
-    }
-}
-
-/// Clean and invalidate [start, start+len) to the point of coherency, then DSB.
-#[inline(always)]
-pub fn clean_invalidate(start: usize, len: usize) {
-    if let Some((first, count, line)) = lines_of(start, len) {
-        clean_invalidate_lines(first, count, line);
-        dsb();
-    }
-}
+#[path = "../cache_ranges.rs"]
+mod ranges;
+pub use ranges::{clean, clean_invalidate, invalidate};
 
 /// Full-system data synchronisation barrier.
 #[inline(always)]
