@@ -72,7 +72,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Bootargs this kernel understands; others are reported and ignored.
-pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask"];
+pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask", "dma.remap", "coherent_pool", "dma_debug"];
 
 /// The kernel heap's size: bookkeeping only (DMA buffers never come from it).
 const HEAP_SIZE: u64 = 4 << 20;
@@ -290,6 +290,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         Err(e) => boot_error(format_args!("page allocator: {e}")),
     }
     memmap.seal();
+    crate::dma::remap::init(&dt, &bootargs, &memmap, crate::dma::bounce::platform_dma_limit(&dt).0);
 
     println!("memory map:");
     let _ = memmap.write_to(&mut ConsoleWriter);

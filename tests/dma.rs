@@ -1,5 +1,6 @@
 //! The DMA matrix: aarch64 and armv7 virt, each plain, with `swiotlb=force` and with
-//! `dma.noncoherent`, with real bus masters attached: QEMU's `edu` (32-bit DMA mask) for the
+//! `dma.noncoherent` under both dma-remap strategies (`dma.remap=window`, `dma.remap=inplace`),
+//! with real bus masters attached: QEMU's `edu` (32-bit DMA mask) for the
 //! streaming, coherent and scatter-gather suites, a virtio-blk disk image this test writes with
 //! a known pattern (the kernel reads it and writes the second MiB, which is checked here after
 //! the run) and virtio-rng. A last configuration keeps edu's default 28-bit mask, which cannot
@@ -9,7 +10,7 @@ mod common;
 use common::{boot, dtb, path_str, root, Boot};
 use std::path::PathBuf;
 
-const SUITES: &str = "ktest.filter=dma_api,virtio";
+const SUITES: &str = "ktest.filter=dma_api,dma_remap,virtio";
 const MIB: usize = 1 << 20;
 
 /// What the image holds at `pos` before the run (src/drivers/virtio.rs `image_byte`).
@@ -88,6 +89,17 @@ fn full(arch: &str, name: &str, append: &str) {
     }
     if append.contains("dma.noncoherent") {
         b.assert_log_contains("dma: every device treated as non-coherent");
+        let strategy = if append.contains("dma.remap=inplace") { "inplace" } else { "window" };
+        b.assert_log_contains(&format!("dma-remap: {strategy}"));
+    }
+    for case in [
+        "coherent_mappings_have_the_promised_attributes",
+        "no_kernel_mapping_maps_nothing",
+        "atomic_pool_serves_and_runs_out",
+        "in_place_never_falls_back",
+        "vmap_scattered_pages_and_guard",
+    ] {
+        b.assert_case_passed("dma_remap", case);
     }
     check_disk(&b, &img);
 }
@@ -112,8 +124,13 @@ fn aarch64_swiotlb_force() {
 }
 
 #[test]
-fn aarch64_noncoherent() {
-    full("aarch64", "dma.noncoherent", "dma.noncoherent");
+fn aarch64_noncoherent_window() {
+    full("aarch64", "dma.noncoherent window", "dma.noncoherent dma.remap=window");
+}
+
+#[test]
+fn aarch64_noncoherent_inplace() {
+    full("aarch64", "dma.noncoherent inplace", "dma.noncoherent dma.remap=inplace");
 }
 
 #[test]
@@ -132,8 +149,13 @@ fn armv7_swiotlb_force() {
 }
 
 #[test]
-fn armv7_noncoherent() {
-    full("armv7", "dma.noncoherent", "dma.noncoherent");
+fn armv7_noncoherent_window() {
+    full("armv7", "dma.noncoherent window", "dma.noncoherent dma.remap=window");
+}
+
+#[test]
+fn armv7_noncoherent_inplace() {
+    full("armv7", "dma.noncoherent inplace", "dma.noncoherent dma.remap=inplace");
 }
 
 #[test]

@@ -86,6 +86,10 @@ pub enum DmaError {
     BadRange { offset: u64, size: u64, len: u64 },
     /// Pages freed to the wrong allocator, or a double free.
     Free,
+    /// The atomic pool refused the allocation (exhausted, or too large) or the free.
+    Pool(super::pool::PoolError),
+    /// The vmap window refused to map or unmap the buffer.
+    Remap(crate::mm::vmap::VmapError),
 }
 
 impl fmt::Display for DmaError {
@@ -110,6 +114,8 @@ impl fmt::Display for DmaError {
                 write!(f, "range {offset:#x} + {size:#x} does not fit in a mapping of {len:#x} bytes")
             }
             DmaError::Free => f.write_str("the buffer's pages were refused by their allocator"),
+            DmaError::Pool(e) => write!(f, "atomic pool: {e}"),
+            DmaError::Remap(e) => write!(f, "remapping: {e}"),
         }
     }
 }
@@ -165,10 +171,8 @@ impl SgEntry {
 ///
 /// For a device with a restricted DMA pool the buffer lies in that pool (see [`super::bounce`]).
 ///
-/// For a non-coherent device, dma-direct cleans and invalidates the buffer when allocating it but
-/// the CPU mapping stays the cacheable linear map until dma-remap gives it an uncached alias: the
-/// CPU must not leave data in its caches there (QEMU models no caches, so this is invisible in the
-/// tests).
+/// For a non-coherent device the CPU pointer is an uncached mapping made by dma-remap
+/// ([`super::remap`]): a window alias, the linear map changed in place, or the atomic pool.
 pub struct DmaCoherent<'d> {
     pub(super) dev: &'d Device,
     pub(super) raw: Option<CoherentRaw>,
@@ -181,6 +185,7 @@ pub struct CoherentRaw {
     pub dma: DmaAddr,
     pub size: u64,
     pub attrs: DmaAttrs,
+    pub cpu: super::remap::CpuView,
 }
 
 /// The memory behind a coherent buffer and the allocator it goes back to.
@@ -190,6 +195,8 @@ pub enum CoherentMem {
     Pages(super::contiguous::ContiguousPages),
     /// `bytes` bytes at `phys` of the device's restricted pool ([`BouncePool::alloc`]).
     Pool { pool: &'static BouncePool, phys: PhysAddr, bytes: u64 },
+    /// Pages of the atomic pool ([`super::pool`]).
+    AtomicPool(super::pool::PoolBuffer),
 }
 
 impl CoherentMem {
@@ -198,6 +205,7 @@ impl CoherentMem {
         match self {
             CoherentMem::Pages(p) => p.phys,
             CoherentMem::Pool { phys, .. } => *phys,
+            CoherentMem::AtomicPool(b) => b.phys,
         }
     }
 }
@@ -209,6 +217,7 @@ impl PartialEq for CoherentMem {
             (CoherentMem::Pool { pool: p, phys: a, bytes: m }, CoherentMem::Pool { pool: q, phys: b, bytes: n }) => {
                 core::ptr::eq(*p, *q) && a == b && m == n
             }
+            (CoherentMem::AtomicPool(a), CoherentMem::AtomicPool(b)) => a == b,
             _ => false,
         }
     }
@@ -237,13 +246,18 @@ impl DmaCoherent<'_> {
         self.raw.as_ref().map_or(PhysAddr(0), |r| r.mem.phys())
     }
 
-    /// The CPU's pointer to the buffer; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].
+    /// The CPU's pointer to the buffer; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`]. For a
+    /// non-coherent device it is an uncached mapping (see [`super::remap`]).
     pub fn cpu_ptr(&self) -> Option<core::ptr::NonNull<u8>> {
+        use super::remap::CpuView;
         let r = self.raw.as_ref()?;
-        if r.attrs.contains(DmaAttrs::NO_KERNEL_MAPPING) {
-            return None;
-        }
-        core::ptr::NonNull::new(usize::try_from(r.mem.phys().0).ok()? as *mut u8)
+        let va = match &r.cpu {
+            CpuView::Linear | CpuView::InPlace => usize::try_from(r.mem.phys().0).ok()?,
+            CpuView::Window(area) => area.addr(),
+            CpuView::Pool(va) => *va,
+            CpuView::Hidden => return None,
+        };
+        core::ptr::NonNull::new(va as *mut u8)
     }
 
     /// The buffer as a byte slice for the CPU; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].

@@ -308,7 +308,7 @@ mod kernel {
     /// (the root's identity view) or lower where a bus's `dma-ranges` bring it down, with the
     /// bus that does. Buses whose `dma-ranges` are malformed, or reach nothing under 32 bits, are
     /// reported and left out.
-    fn platform_dma_limit(dt: &DeviceTree<'_>) -> (u64, Option<String>) {
+    pub fn platform_dma_limit(dt: &DeviceTree<'_>) -> (u64, Option<String>) {
         let mut best = (1u64 << 32, None);
         for node in dt.nodes().filter(|n| n.has_property("dma-ranges")) {
             match BusMap::for_children_of(&node) {

@@ -49,7 +49,8 @@ mod kernel {
     use crate::dma::api::{CoherentMem, CoherentRaw, DmaAttrs};
     use crate::dma::bounce::{in_platform_pool, platform_forced, platform_pool, BouncePool};
     use crate::dma::busmap::DmaAddr;
-    use crate::dma::contiguous::{dma_alloc_contiguous, dma_free_contiguous, ContiguousError};
+    use crate::dma::contiguous::{dma_alloc_contiguous, dma_free_contiguous, ContiguousError, ContiguousPages};
+    use crate::dma::remap::{self, CpuView};
     use crate::dma::maint::{self, Direction};
     use crate::dma::{Device, GfpFlags};
 
@@ -218,9 +219,11 @@ mod kernel {
         Ok(())
     }
 
-    /// See the module documentation. The attributes change nothing here: the buffer is always
-    /// contiguous, and mapped (the linear map) even with `NO_KERNEL_MAPPING`, which only hides
-    /// the pointer.
+    /// See the module documentation. For a coherent device the attributes change nothing: the
+    /// buffer is always contiguous and mapped (the linear map), even with `NO_KERNEL_MAPPING`,
+    /// which only hides the pointer. A non-coherent device's buffer is dma-remap's
+    /// ([`super::super::remap`]).
+    #[inline(always)]
     pub fn alloc(dev: &Device, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroSize);
@@ -228,6 +231,25 @@ mod kernel {
         if let Some(pool) = dev.own_bounce_pool().filter(|p| p.serves_alloc()) {
             return alloc_from_pool(dev, pool, size, attrs);
         }
+        if !dev.is_coherent() {
+            return remap::alloc(dev, size, gfp, attrs);
+        }
+        let (pages, dma) = alloc_pages(dev, size, gfp)?;
+        Ok(CoherentRaw { mem: CoherentMem::Pages(pages), dma, size, attrs, cpu: linear_view(attrs) })
+    }
+
+    fn linear_view(attrs: DmaAttrs) -> CpuView {
+        if attrs.contains(DmaAttrs::NO_KERNEL_MAPPING) {
+            CpuView::Hidden
+        } else {
+            CpuView::Linear
+        }
+    }
+
+    /// Zeroed pages from `dma_alloc_contiguous()` that `dev` reaches under its coherent mask, and
+    /// their device address; cleaned and invalidated from the caches for a non-coherent device.
+    #[inline(always)]
+    pub fn alloc_pages(dev: &Device, size: u64, gfp: GfpFlags) -> Result<(ContiguousPages, DmaAddr), DmaError> {
         let mut below = *dev;
         loop {
             let pages = dma_alloc_contiguous(&below, size, gfp).map_err(DmaError::NoMemory)?;
@@ -239,7 +261,7 @@ mod kernel {
                     // their physical address by the linear map (checked addressable above).
                     unsafe { core::ptr::write_bytes(cpu as *mut u8, 0, bytes as usize) };
                     prep_coherent(dev, cpu, bytes);
-                    return Ok(CoherentRaw { mem: CoherentMem::Pages(pages), dma, size, attrs });
+                    return Ok((pages, dma));
                 }
                 (_, cpu) => {
                     let low = pages.phys;
@@ -265,7 +287,8 @@ mod kernel {
 
     /// A coherent buffer from the device's restricted pool (zeroed by the pool), given to the
     /// device through its bus map if it reaches all of it under the coherent mask; otherwise the
-    /// slots go back and the answer is an error, never memory from elsewhere.
+    /// slots go back and the answer is an error, never memory from elsewhere. A non-coherent
+    /// device's CPU view is an uncached alias in the vmap window.
     fn alloc_from_pool(dev: &Device, pool: &'static BouncePool, size: u64, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
         let (phys, bytes) = pool.alloc(size)?;
         let Some(dma) = within_mask(dev.bus_map(), dev.coherent_mask(), phys, bytes) else {
@@ -274,13 +297,29 @@ mod kernel {
         };
         // `pool.alloc` checked the range addressable.
         prep_coherent(dev, phys.0 as usize, bytes);
-        Ok(CoherentRaw { mem: CoherentMem::Pool { pool, phys, bytes }, dma, size, attrs })
+        let cpu = if dev.is_coherent() {
+            linear_view(attrs)
+        } else {
+            match remap::map_pool_slot(phys, bytes, attrs) {
+                Ok(view) => view,
+                Err(e) => {
+                    let _ = pool.free(phys, bytes);
+                    return Err(e);
+                }
+            }
+        };
+        Ok(CoherentRaw { mem: CoherentMem::Pool { pool, phys, bytes }, dma, size, attrs, cpu })
     }
 
+    /// Frees a buffer of [`alloc`]: dma-remap undoes its CPU mapping first.
+    #[inline(always)]
     pub fn free(dev: &Device, raw: CoherentRaw) -> Result<(), DmaError> {
-        match raw.mem {
-            CoherentMem::Pages(pages) => dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free),
-            CoherentMem::Pool { pool, phys, bytes } => pool.free(phys, bytes),
+        match (raw.cpu, raw.mem) {
+            (CpuView::Linear | CpuView::Hidden, CoherentMem::Pages(pages)) if dev.is_coherent() => {
+                dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free)
+            }
+            (CpuView::Linear | CpuView::Hidden, CoherentMem::Pool { pool, phys, bytes }) if dev.is_coherent() => pool.free(phys, bytes),
+            (cpu, mem) => remap::free(dev, CoherentRaw { mem, cpu, dma: raw.dma, size: raw.size, attrs: raw.attrs }),
         }
     }
 

@@ -14,9 +14,13 @@ pub mod busmap;
 pub mod contiguous;
 pub mod direct;
 pub mod maint;
+pub mod pool;
+pub mod remap;
 pub mod swiotlb;
 #[cfg(target_os = "none")]
 mod ktests;
+#[cfg(target_os = "none")]
+mod remap_ktests;
 
 use core::fmt;
 use core::ops::BitOr;
@@ -29,6 +33,8 @@ use busmap::BusMap;
 
 /// A device name: its DT path or a name chosen by the caller, truncated to fit.
 pub type DeviceName = ShortStr<64>;
+
+static NEXT_DEVICE_ID: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(1);
 
 /// The addressing limit of a device that reaches every physical address.
 pub const DMA_LIMIT_ALL: u64 = u64::MAX;
@@ -57,6 +63,8 @@ pub enum Backend {
 /// and bounce pool it owns (if any) and the back end that serves it.
 #[derive(Clone, Copy, Debug)]
 pub struct Device {
+    /// Distinguishes devices that share a name; copies of a `Device` share it.
+    id: u32,
     name: DeviceName,
     mask: u64,
     coherent_mask: u64,
@@ -79,6 +87,7 @@ impl Device {
     pub fn new(name: &str, dma_limit: u64) -> Device {
         let mask = if dma_limit == DMA_LIMIT_ALL { u64::MAX } else { dma_limit.saturating_sub(1) };
         Device {
+            id: NEXT_DEVICE_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
             name: DeviceName::new(name),
             mask,
             coherent_mask: mask,
@@ -125,6 +134,12 @@ impl Device {
 
     pub fn name(&self) -> &str {
         self.name.as_str()
+    }
+
+    /// A number unique to the device (and its copies) for as long as the kernel runs: what
+    /// dma-debug keys its records by, since two devices may share a name.
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     /// Exclusive end of the physical addresses the device's coherent allocations come from.

@@ -11,8 +11,10 @@
 //! sets of TLB entries apart, so the switch needs no break-before-make where block sizes differ.
 //! MMIO is mapped on demand by [`ioremap`].
 //!
-//! Virtual addresses outside RAM and MMIO stay free: the dma-remap window of dynamic mappings
-//! will be placed there.
+//! Virtual addresses outside RAM and MMIO stay free: the window of dynamic mappings
+//! (`mm::vmap`) is placed there. Lock order: the kernel tables' lock, then the page allocator's
+//! (table pages beyond the static pool come from it); nothing that holds the page allocator's
+//! lock changes the kernel tables.
 
 use crate::arch;
 use crate::mm::addr::{align_down, align_up, PhysAddr, PAGE_SIZE};
@@ -33,11 +35,15 @@ const EARLY_POOL_PAGES: usize = 8;
 const BOOT_STACK_SIZE: usize = 0x10000;
 
 /// Table pages handed out from a physical range, freed pages kept on a list threaded through their
-/// first word. Identity mapping: a table's CPU pointer is its physical address.
+/// first word. Identity mapping: a table's CPU pointer is its physical address. The final kernel
+/// tables' pool overflows into the page allocator once it is up (dynamic mappings, and splitting
+/// the linear map to pages, can need more tables than the image can hold).
 pub struct PagePool {
+    base: u64,
     next: u64,
     end: u64,
     free_head: u64,
+    overflow: bool,
 }
 
 impl PagePool {
@@ -45,7 +51,18 @@ impl PagePool {
     /// `[base, base + pages * PAGE_SIZE)` must be page-aligned memory owned by the pool for good,
     /// reachable at its physical address (MMU off, or identity-mapped).
     pub const unsafe fn new(base: u64, pages: u64) -> Self {
-        PagePool { next: base, end: base + pages * PAGE_SIZE, free_head: 0 }
+        PagePool { base, next: base, end: base + pages * PAGE_SIZE, free_head: 0, overflow: false }
+    }
+
+    /// The same pool, taking pages from the page allocator (`mm::phys`) when its own run out.
+    /// The linear map covers every page that allocator hands out, so they are reachable at their
+    /// physical address too.
+    const fn overflowing(self) -> Self {
+        PagePool { overflow: true, ..self }
+    }
+
+    fn owns(&self, pa: u64) -> bool {
+        (self.base..self.end).contains(&pa)
     }
 }
 
@@ -62,6 +79,8 @@ unsafe impl TableAlloc for PagePool {
             let pa = self.next;
             self.next += PAGE_SIZE;
             pa
+        } else if self.overflow {
+            crate::mm::phys::alloc_pages(0).ok()?.0
         } else {
             return None;
         };
@@ -71,6 +90,13 @@ unsafe impl TableAlloc for PagePool {
     }
 
     unsafe fn free_table(&mut self, pa: PhysAddr) {
+        if !self.owns(pa.0) {
+            // An overflow page: `alloc_table` got it from the page allocator, which takes it back.
+            if let Err(e) = crate::mm::phys::free_pages(pa, 0) {
+                crate::println!("kmap: table page {pa} refused by the page allocator: {e}");
+            }
+            return;
+        }
         // SAFETY: the caller (pgtable) frees only pages it got from us and no walker can reach.
         unsafe { *(pa.0 as *mut u64) = self.free_head };
         self.free_head = pa.0;
@@ -95,6 +121,8 @@ pub enum KmapError {
     Tables(PageTableError),
     /// An MMIO range that is RAM, or overflows.
     NotMmio { base: u64, size: u64 },
+    /// A change to the kernel tables before they were built.
+    NotBuilt,
 }
 
 impl fmt::Display for KmapError {
@@ -102,6 +130,7 @@ impl fmt::Display for KmapError {
         match self {
             KmapError::Tables(e) => write!(f, "page tables: {e}"),
             KmapError::NotMmio { base, size } => write!(f, "{base:#x}+{size:#x} is not an MMIO range"),
+            KmapError::NotBuilt => f.write_str("the kernel page tables are not built yet"),
         }
     }
 }
@@ -250,7 +279,7 @@ pub unsafe fn build(map: &MemoryMap, image: &ImageLayout) -> Result<(), KmapErro
     let pool_base = core::ptr::addr_of_mut!(TABLE_POOL) as u64;
     // SAFETY: the static pool is used by nothing else and lies in the image, which both the early
     // and the final tables map at its physical address.
-    let pool = unsafe { PagePool::new(pool_base, TABLE_POOL_PAGES) };
+    let pool = unsafe { PagePool::new(pool_base, TABLE_POOL_PAGES) }.overflowing();
     let mut pt = PageTable::new(arch::mmu::KERNEL_TABLES, pool)?;
     let nomap = |base: u64, end: u64| {
         map.reservations()
@@ -347,6 +376,41 @@ pub fn unmapped_address() -> usize {
         .filter(|&a| a <= usize::MAX as u64)
         .find(|&a| translate(a).is_none())
         .unwrap_or(0) as usize
+}
+
+fn with_tables<R>(f: impl FnOnce(&mut PageTable<PagePool>) -> Result<R, PageTableError>) -> Result<R, KmapError> {
+    let mut guard = KMAP.lock();
+    let km = guard.as_mut().ok_or(KmapError::NotBuilt)?;
+    Ok(f(&mut km.pt)?)
+}
+
+/// Maps `[va, va + size)` to `[pa, pa + size)` with `attr` and `perms`: a dynamic mapping outside
+/// the identity-mapped ranges (the vmap window). Refused if any page of it is mapped. Returns once
+/// the new entries are visible to the MMU.
+pub fn map_dynamic(va: u64, pa: PhysAddr, size: u64, attr: MemAttr, perms: Perms) -> Result<(), KmapError> {
+    with_tables(|pt| pt.map(va, pa, size, attr, perms))?;
+    arch::cache::dsb();
+    arch::cache::isb();
+    Ok(())
+}
+
+/// Removes whatever is mapped in `[va, va + size)` and invalidates it in every CPU's TLB; when this
+/// returns no CPU can reach the old pages through the range. Returns the bytes that were mapped.
+pub fn unmap(va: u64, size: u64) -> Result<u64, KmapError> {
+    with_tables(|pt| pt.unmap(va, size, &mut arch::mmu::CpuTlb)).map(|r| r.unmapped)
+}
+
+/// Gives `[va, va + size)` new attributes, break-before-make, with TLB invalidation on every CPU.
+/// Every page of the range must be mapped.
+pub fn set_attributes(va: u64, size: u64, attr: MemAttr, perms: Perms) -> Result<(), KmapError> {
+    with_tables(|pt| pt.set_attributes(va, size, attr, perms, &mut arch::mmu::CpuTlb))
+}
+
+/// Maps `[va, va + size)` with pages only (see [`PageTable::split_to_pages`]); the caller owns the
+/// range, and nothing else may be accessed through a block it shares while the block is replaced
+/// (true during boot, on one CPU, with only the image's pages in use by the code doing it).
+pub fn split_to_pages(va: u64, size: u64) -> Result<(), KmapError> {
+    with_tables(|pt| pt.split_to_pages(va, size, &mut arch::mmu::CpuTlb))
 }
 
 /// The live translation of `va` in the kernel tables, as the MMU would walk it.

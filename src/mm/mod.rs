@@ -7,6 +7,7 @@ pub mod cma;
 pub mod memmap;
 pub mod phys;
 pub mod pgtable;
+pub mod vmap;
 
 #[cfg(target_os = "none")]
 pub mod heap;

@@ -903,6 +903,21 @@ impl<A: TableAlloc> PageTable<A> {
         self.edit(va, end, Change::Set(template), tlb, &mut unmapped)
     }
 
+    /// Remaps every block in `[va, va + size)` with 4 KiB pages of the same output addresses and
+    /// attributes, so that later changes to single pages in the range need no block split (Linux's
+    /// page-granular linear map for in-place attribute changes). Each block is replaced
+    /// break-before-make by a table built off-line; a block only partly inside the range keeps its
+    /// size outside it. Unmapped holes are skipped. Fails only when the allocator cannot supply the
+    /// table pages; then nothing has changed.
+    ///
+    /// The caller must make sure nothing accesses the memory a replaced block maps (other than
+    /// the range itself, which the caller owns) while its entry is invalid.
+    pub fn split_to_pages<T: TlbOps>(&mut self, va: u64, size: u64, tlb: &mut T) -> Result<(), PageTableError> {
+        let end = self.check_range(va, size, None)?;
+        let mut unmapped = 0;
+        self.edit(va, end, Change::Split, tlb, &mut unmapped)
+    }
+
     /// Walks the tables in software. `None` if `va` is unmapped or outside the input address space.
     pub fn translate(&self, va: u64) -> Option<Translation> {
         if va >> self.config.va_bits != 0 {
@@ -1170,7 +1185,7 @@ impl<A: TableAlloc> PageTable<A> {
                 leaf_only: true,
             };
             match (kind(desc, level), change) {
-                (Kind::Invalid, Change::Unmap) => {}
+                (Kind::Invalid, Change::Unmap | Change::Split) => {}
                 (Kind::Invalid, Change::Set(_)) => {
                     return Err(PageTableError::NotMapped { va: cur })
                 }
@@ -1229,7 +1244,7 @@ impl<A: TableAlloc> PageTable<A> {
                         old,
                         cur,
                         chunk_end,
-                        None,
+                        Fill::Unmap,
                     )?;
                     if let Some(split) = split {
                         self.write(table, index, 0);
@@ -1237,6 +1252,21 @@ impl<A: TableAlloc> PageTable<A> {
                         self.sync_tlb(maint);
                         self.write(table, index, table_desc(split));
                         *unmapped += chunk_end - cur;
+                    }
+                }
+                (Kind::Leaf, Change::Split) if level == LAST_LEVEL => {}
+                (Kind::Leaf, Change::Split) => {
+                    let old = desc & LEAF_ATTR_MASK;
+                    let block_pa = desc & OA_MASK & !(size - 1);
+                    let split = self.build_split(pass, level + 1, slot, block_pa, old, cur, chunk_end, Fill::Pages)?;
+                    if let Some(split) = split {
+                        self.write(table, index, 0);
+                        maint.invalidate(leaf_inv);
+                        batch.entries[batch.len] = (index, table_desc(split));
+                        batch.len += 1;
+                        if batch.len == BBM_BATCH {
+                            self.complete_batch(table, &mut batch, maint);
+                        }
                     }
                 }
                 (Kind::Leaf, Change::Set(template)) => {
@@ -1254,7 +1284,7 @@ impl<A: TableAlloc> PageTable<A> {
                                 old,
                                 cur,
                                 chunk_end,
-                                Some(template),
+                                Fill::Attr(template),
                             )?;
                             split.map_or(0, table_desc)
                         };
@@ -1277,9 +1307,9 @@ impl<A: TableAlloc> PageTable<A> {
     }
 
     /// Builds, off-line, a level-`level` table that maps the block at `base_va` → `base_pa` with
-    /// attribute bits `old`, except for `[a, b)`, which gets attribute bits `new` or, if `None`, is
-    /// left unmapped. Sub-blocks only partly inside `[a, b)` get their own tables. Returns the
-    /// table (`None` in the counting pass).
+    /// attribute bits `old`, except for `[a, b)`, which is filled as `fill` says. Sub-blocks only
+    /// partly inside `[a, b)` get their own tables. Returns the table (`None` in the counting
+    /// pass).
     #[allow(clippy::too_many_arguments)]
     fn build_split(
         &mut self,
@@ -1290,7 +1320,7 @@ impl<A: TableAlloc> PageTable<A> {
         old: u64,
         a: u64,
         b: u64,
-        new: Option<u64>,
+        fill: Fill,
     ) -> Result<Option<PhysAddr>, PageTableError> {
         let table = self.take_table(pass)?;
         let size = level_size(level);
@@ -1301,10 +1331,14 @@ impl<A: TableAlloc> PageTable<A> {
             // A level-3 entry cannot be partly inside [a, b): both ends are page aligned.
             let desc = if end <= a || start >= b {
                 old | pa | leaf_type(level)
-            } else if (a <= start && end <= b) || level == LAST_LEVEL {
-                new.map_or(0, |bits| bits | pa | leaf_type(level))
+            } else if level == LAST_LEVEL || (a <= start && end <= b && !matches!(fill, Fill::Pages)) {
+                match fill {
+                    Fill::Unmap => 0,
+                    Fill::Attr(bits) => bits | pa | leaf_type(level),
+                    Fill::Pages => old | pa | leaf_type(level),
+                }
             } else {
-                self.build_split(pass, level + 1, start, pa, old, a, b, new)?
+                self.build_split(pass, level + 1, start, pa, old, a, b, fill)?
                     .map_or(0, table_desc)
             };
             if let Some(t) = table {
@@ -1405,12 +1439,24 @@ impl<A: TableAlloc> PageTable<A> {
     }
 }
 
-/// The two edits that may need break-before-make.
+/// The edits that may need break-before-make.
 #[derive(Clone, Copy)]
 enum Change {
     Unmap,
     /// New leaf attribute bits (see `leaf_attr_bits`).
     Set(u64),
+    /// Blocks become tables of pages with the same attributes.
+    Split,
+}
+
+/// What a block split puts in the part of the block inside the edited range.
+#[derive(Clone, Copy)]
+enum Fill {
+    Unmap,
+    /// Leaves with these attribute bits, as large as the range allows.
+    Attr(u64),
+    /// Pages with the block's own attribute bits.
+    Pages,
 }
 
 #[cfg(test)]
@@ -2574,6 +2620,35 @@ mod tests {
             );
         }
         assert_eq!(f.stats().leaves, [0, 0, 0, 512]);
+    }
+
+    #[test]
+    fn split_to_pages_keeps_every_translation() {
+        let mut f = fixture(PageTableConfig::AARCH64_39);
+        // A 1 GiB block and a 2 MiB block; the split range takes the last 2 MiB of the first and
+        // half of the second.
+        f.pt.map(0x4000_0000, PhysAddr::new(0x4000_0000), GIB, MemAttr::Normal, Perms::RW).unwrap();
+        f.pt.map(0x8000_0000, PhysAddr::new(0x8000_0000), MIB2, MemAttr::Device, Perms::RW).unwrap();
+        let vas: Vec<u64> = (0..1024).map(|i| 0x7fe0_0000 + i * KIB4).chain([0x4000_0000, 0x6000_0000]).collect();
+        let before = f.snapshot(&vas);
+        f.pt.split_to_pages(0x7fe0_0000, MIB2 + MIB2 / 2, &mut f.tlb).unwrap();
+        let log = f.mem.take_log();
+        f.mem.assert_no_errors();
+        f.check_invalidated(&log, &before).unwrap();
+        for &va in &vas {
+            let t = f.pt.translate(va).unwrap();
+            assert_eq!(t.pa.as_u64(), va, "{va:#x}");
+            // The 2 MiB block only partly in the range has nothing finer than pages either.
+            assert_eq!(t.level == 3, va >= 0x7fe0_0000, "{va:#x} at level {}", t.level);
+            let attr = if va >= 0x8000_0000 { MemAttr::Device } else { MemAttr::Normal };
+            assert_eq!((t.attr, t.perms), (attr, Perms::RW), "{va:#x}");
+        }
+        // 511 of the 1 GiB block's 2 MiB entries stay blocks; its last one and the 2 MiB block
+        // became 512 pages each.
+        assert_eq!(f.stats().leaves, [0, 0, 511, 1024]);
+        // Splitting again changes nothing and needs no maintenance.
+        f.pt.split_to_pages(0x7fe0_0000, MIB2, &mut f.tlb).unwrap();
+        assert!(f.mem.take_log().is_empty());
     }
 
     #[test]

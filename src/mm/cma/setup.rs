@@ -190,6 +190,11 @@ impl CmaSetup {
         s
     }
 
+    /// Every area, the default one included.
+    pub fn areas(&self) -> impl Iterator<Item = &CmaArea> {
+        self.areas.iter().map(|a| &a.area)
+    }
+
     /// The default area.
     pub fn default_area(&self) -> Option<&CmaArea> {
         self.default.and_then(|i| self.areas.get(i)).map(|a| &a.area)
