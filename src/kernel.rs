@@ -291,6 +291,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
     }
     memmap.seal();
     crate::dma::remap::init(&dt, &bootargs, &memmap, crate::dma::bounce::platform_dma_limit(&dt).0);
+    crate::dma::debug::init(bootargs.get("dma_debug"));
 
     println!("memory map:");
     let _ = memmap.write_to(&mut ConsoleWriter);

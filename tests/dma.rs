@@ -10,7 +10,7 @@ mod common;
 use common::{boot, dtb, path_str, root, Boot};
 use std::path::PathBuf;
 
-const SUITES: &str = "ktest.filter=dma_api,dma_remap,virtio";
+const SUITES: &str = "ktest.filter=dma_api,dma_remap,dma_debug,virtio";
 const MIB: usize = 1 << 20;
 
 /// What the image holds at `pos` before the run (src/drivers/virtio.rs `image_byte`).
@@ -101,6 +101,28 @@ fn full(arch: &str, name: &str, append: &str) {
     ] {
         b.assert_case_passed("dma_remap", case);
     }
+    // dma-debug is on in every configuration (tests/common adds `dma_debug=on` where the
+    // configuration does not choose); its misuse cases must each have been caught.
+    for case in [
+        "unmap_never_mapped",
+        "unmap_wrong_size_and_direction",
+        "unmap_wrong_kind",
+        "double_unmap",
+        "sync_wrong_direction_or_outside",
+        "free_coherent_wrong_size_or_address",
+        "mapping_error_never_checked",
+        "from_device_mappings_share_a_cache_line",
+        "teardown_reports_leaks",
+    ] {
+        b.assert_case_passed("dma_debug", case);
+    }
+    for case in ["guard_faults_cpu_access_to_device_owned_pages", "guard_catches_writes_to_shared_edge_pages"] {
+        if append.contains("dma_debug=guard") {
+            b.assert_case_passed("dma_debug", case);
+        } else {
+            b.assert_case_skipped("dma_debug", case);
+        }
+    }
     check_disk(&b, &img);
 }
 
@@ -131,6 +153,18 @@ fn aarch64_noncoherent_window() {
 #[test]
 fn aarch64_noncoherent_inplace() {
     full("aarch64", "dma.noncoherent inplace", "dma.noncoherent dma.remap=inplace");
+}
+
+/// The ownership guard under real devices: every suite (edu, virtio) runs with device-owned pages
+/// taken from the CPU, so a driver touching a buffer it handed to a device would fault.
+#[test]
+fn aarch64_guard() {
+    full("aarch64", "dma_debug=guard", "dma_debug=guard");
+}
+
+#[test]
+fn armv7_guard() {
+    full("armv7", "dma_debug=guard", "dma_debug=guard dma.noncoherent");
 }
 
 #[test]

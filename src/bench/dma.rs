@@ -37,12 +37,12 @@ enum Kind {
 }
 
 /// Mean and standard deviation of samples, in counts (the mean keeps 1/1000 of a count).
-struct Stats {
-    mean_milli: u64,
-    stddev: u64,
+pub(super) struct Stats {
+    pub mean_milli: u64,
+    pub stddev: u64,
 }
 
-fn stats(samples: &[u64]) -> Stats {
+pub(super) fn stats(samples: &[u64]) -> Stats {
     let n = samples.len().max(1) as u128;
     let sum: u128 = samples.iter().map(|&s| u128::from(s)).sum();
     let sq: u128 = samples.iter().map(|&s| u128::from(s) * u128::from(s)).sum();
@@ -65,7 +65,7 @@ fn isqrt(v: u128) -> u64 {
 }
 
 /// Nanoseconds of `counts_milli / 1000` counts, minus `overhead_milli / 1000` counts.
-fn ns(c: &Cycles, counts_milli: u64, overhead_milli: u64) -> u64 {
+pub(super) fn ns(c: &Cycles, counts_milli: u64, overhead_milli: u64) -> u64 {
     let net = u128::from(counts_milli.saturating_sub(overhead_milli));
     u64::try_from(net * u128::from(c.ps_per_count()) / 1_000_000).unwrap_or(u64::MAX)
 }

@@ -13,6 +13,7 @@
 //! the host-side KTAP reader collects, plus `# <name>: ...` notes on the conditions.
 
 mod cma;
+mod coherent;
 mod cycles;
 mod dma;
 
@@ -33,6 +34,15 @@ pub static BENCHES: &[Bench] = &[
     Bench { name: "cma_alloc_release_16", run: cma::alloc_release_16 },
     Bench { name: "cma_alloc_release_256", run: cma::alloc_release_256 },
     Bench { name: "cma_alloc_release_256_fragmented", run: cma::alloc_release_256_fragmented },
+    Bench { name: "coherent_direct_1", run: coherent::direct_1 },
+    Bench { name: "coherent_direct_16", run: coherent::direct_16 },
+    Bench { name: "coherent_direct_256", run: coherent::direct_256 },
+    Bench { name: "coherent_remap_1", run: coherent::remap_1 },
+    Bench { name: "coherent_remap_16", run: coherent::remap_16 },
+    Bench { name: "coherent_remap_256", run: coherent::remap_256 },
+    Bench { name: "coherent_atomic_1", run: coherent::atomic_1 },
+    Bench { name: "coherent_atomic_16", run: coherent::atomic_16 },
+    Bench { name: "coherent_atomic_256", run: coherent::atomic_256 },
     Bench { name: "dma_map_direct_coherent_4k", run: dma::direct_coherent_4k },
     Bench { name: "dma_map_direct_coherent_64k", run: dma::direct_coherent_64k },
     Bench { name: "dma_map_direct_coherent_1m", run: dma::direct_coherent_1m },

@@ -90,6 +90,8 @@ pub enum DmaError {
     Pool(super::pool::PoolError),
     /// The vmap window refused to map or unmap the buffer.
     Remap(crate::mm::vmap::VmapError),
+    /// dma-debug refused a misuse of the API (and reported it).
+    Debug(super::debug_track::ReportKind),
 }
 
 impl fmt::Display for DmaError {
@@ -116,6 +118,7 @@ impl fmt::Display for DmaError {
             DmaError::Free => f.write_str("the buffer's pages were refused by their allocator"),
             DmaError::Pool(e) => write!(f, "atomic pool: {e}"),
             DmaError::Remap(e) => write!(f, "remapping: {e}"),
+            DmaError::Debug(kind) => write!(f, "refused by dma-debug: {kind:?}"),
         }
     }
 }
@@ -199,6 +202,20 @@ pub enum CoherentMem {
     AtomicPool(super::pool::PoolBuffer),
 }
 
+impl CoherentRaw {
+    /// The CPU's pointer to the buffer, as [`DmaCoherent::cpu_ptr`] gives it.
+    pub fn cpu_ptr(&self) -> Option<core::ptr::NonNull<u8>> {
+        use super::remap::CpuView;
+        let va = match &self.cpu {
+            CpuView::Linear | CpuView::InPlace => usize::try_from(self.mem.phys().0).ok()?,
+            CpuView::Window(area) => area.addr(),
+            CpuView::Pool(va) => *va,
+            CpuView::Hidden => return None,
+        };
+        core::ptr::NonNull::new(va as *mut u8)
+    }
+}
+
 impl CoherentMem {
     /// Physical address of the first byte.
     pub fn phys(&self) -> PhysAddr {
@@ -249,16 +266,9 @@ impl DmaCoherent<'_> {
     /// The CPU's pointer to the buffer; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`]. For a
     /// non-coherent device it is an uncached mapping (see [`super::remap`]).
     pub fn cpu_ptr(&self) -> Option<core::ptr::NonNull<u8>> {
-        use super::remap::CpuView;
-        let r = self.raw.as_ref()?;
-        let va = match &r.cpu {
-            CpuView::Linear | CpuView::InPlace => usize::try_from(r.mem.phys().0).ok()?,
-            CpuView::Window(area) => area.addr(),
-            CpuView::Pool(va) => *va,
-            CpuView::Hidden => return None,
-        };
-        core::ptr::NonNull::new(va as *mut u8)
+        self.raw.as_ref()?.cpu_ptr()
     }
+
 
     /// The buffer as a byte slice for the CPU; `None` with [`DmaAttrs::NO_KERNEL_MAPPING`].
     pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
@@ -309,49 +319,174 @@ impl<D: DmaDir> DmaStream<'_, '_, D> {
 }
 
 #[cfg(target_os = "none")]
+pub use kernel::DMA_MAPPING_ERROR;
+
+#[cfg(target_os = "none")]
 mod kernel {
     use super::*;
+    use crate::dma::debug;
+    use crate::dma::debug_track::{Caller, MapKind};
     use crate::dma::{direct, Backend, GfpFlags};
     use crate::println;
+    use alloc::collections::BTreeMap;
+    use core::panic::Location;
+    use spin::Mutex;
+
+    /// Linux's `DMA_MAPPING_ERROR`: what [`Device::dma_map_single`] returns on failure.
+    pub const DMA_MAPPING_ERROR: DmaAddr = DmaAddr(u64::MAX);
+
+    /// Coherent buffers handed out by [`Device::dma_alloc_coherent`], by (device, device address),
+    /// until [`Device::dma_free_coherent`] names them.
+    static RAW_COHERENT: Mutex<BTreeMap<(u32, u64), CoherentRaw>> = Mutex::new(BTreeMap::new());
 
     impl Device {
         /// `size` bytes of zeroed coherent memory the device reaches under its coherent mask.
-        /// `gfp` says whether the call may block (CMA is tried only then). For a device with a
-        /// restricted DMA pool the memory comes from that pool only: a full pool is an error.
+        /// `gfp` says whether the call may block (CMA is tried only then; a non-coherent device
+        /// then gets the atomic pool). For a device with a restricted DMA pool the memory comes
+        /// from that pool only: a full pool is an error.
+        #[track_caller]
         pub fn alloc_coherent(&self, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<DmaCoherent<'_>, DmaError> {
             let raw = match self.backend() {
                 Backend::Direct => direct::alloc(self, size, gfp, attrs)?,
             };
-            Ok(DmaCoherent { dev: self, raw: Some(raw) })
-        }
-
-        /// Maps `phys .. phys + size`, memory the caller owns until the unmap, for the device in
-        /// direction `dir`; returns the device address (possibly of a bounce buffer).
-        #[inline(always)]
-        pub fn map_phys(&self, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
-            match self.backend() {
-                Backend::Direct => direct::map(self, phys, size, dir, attrs),
+            let buf = DmaCoherent { dev: self, raw: Some(raw) };
+            if debug::enabled() {
+                debug::allocated(self, buf.cpu_ptr().map_or(0, |p| p.as_ptr() as u64), buf.dma_addr(), size, Location::caller());
             }
+            Ok(buf)
         }
 
-        /// Maps `size` bytes at `offset` into the pages starting at `page` (Linux's
-        /// `dma_map_page`).
-        pub fn map_page(&self, page: PhysAddr, offset: u64, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
-            let phys = page.checked_add(offset).ok_or(DmaError::BadRange { offset, size, len: 0 })?;
-            self.map_phys(phys, size, dir, attrs)
-        }
-
-        /// Ends a mapping made by [`Device::map_phys`] with the same size and direction.
         #[inline(always)]
-        pub fn unmap_phys(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+        #[allow(clippy::too_many_arguments)]
+        fn map_as(&self, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs, kind: MapKind, checked: bool, caller: Caller) -> Result<DmaAddr, DmaError> {
+            let dma = match self.backend() {
+                Backend::Direct => direct::map(self, phys, size, dir, attrs)?,
+            };
+            if debug::enabled() {
+                debug::mapped(self, phys, dma, size, dir, kind, checked, caller);
+            }
+            Ok(dma)
+        }
+
+        #[inline(always)]
+        fn unmap_as(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs, kind: MapKind, caller: Caller) -> Result<(), DmaError> {
+            if debug::enabled() {
+                debug::unmapping(self, dma, size, dir, kind, caller)?;
+            }
             match self.backend() {
                 Backend::Direct => direct::unmap(self, dma, size, dir, attrs),
             }
         }
 
+        /// Maps `phys .. phys + size`, memory the caller owns until the unmap, for the device in
+        /// direction `dir`; returns the device address (possibly of a bounce buffer). End it with
+        /// [`Device::unmap_phys`].
+        #[inline(always)]
+        #[track_caller]
+        pub fn map_phys(&self, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
+            self.map_as(phys, size, dir, attrs, MapKind::Single, true, Location::caller())
+        }
+
+        /// Maps `size` bytes at `offset` into the pages starting at `page` (Linux's
+        /// `dma_map_page`). End it with [`Device::unmap_page`].
+        #[track_caller]
+        pub fn map_page(&self, page: PhysAddr, offset: u64, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<DmaAddr, DmaError> {
+            let phys = page.checked_add(offset).ok_or(DmaError::BadRange { offset, size, len: 0 })?;
+            self.map_as(phys, size, dir, attrs, MapKind::Page, true, Location::caller())
+        }
+
+        /// Ends a mapping made by [`Device::map_phys`] with the same size and direction.
+        #[inline(always)]
+        #[track_caller]
+        pub fn unmap_phys(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+            self.unmap_as(dma, size, dir, attrs, MapKind::Single, Location::caller())
+        }
+
+        /// Ends a mapping made by [`Device::map_page`] with the same size and direction.
+        #[track_caller]
+        pub fn unmap_page(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+            self.unmap_as(dma, size, dir, attrs, MapKind::Page, Location::caller())
+        }
+
+        /// Linux's `dma_map_single` for code written against the C API: the device address, or
+        /// [`DMA_MAPPING_ERROR`] on failure, which the caller must test with
+        /// [`Device::dma_mapping_error`] (dma-debug reports an unmap of a mapping never tested).
+        /// Prefer [`Device::map_phys`], whose `Result` cannot be ignored.
+        #[track_caller]
+        pub fn dma_map_single(&self, phys: PhysAddr, size: u64, dir: Direction) -> DmaAddr {
+            self.map_as(phys, size, dir, DmaAttrs::NONE, MapKind::Single, false, Location::caller()).unwrap_or(DMA_MAPPING_ERROR)
+        }
+
+        /// Whether `dma`, from [`Device::dma_map_single`], is the error value; records that the
+        /// caller checked.
+        pub fn dma_mapping_error(&self, dma: DmaAddr) -> bool {
+            if dma == DMA_MAPPING_ERROR {
+                return true;
+            }
+            if debug::enabled() {
+                debug::checked(self, dma);
+            }
+            false
+        }
+
+        /// Linux's `dma_alloc_coherent` for code written against the C API: the CPU pointer and
+        /// device address of a zeroed coherent buffer, to be given back with
+        /// [`Device::dma_free_coherent`] and the same size and addresses. Prefer
+        /// [`Device::alloc_coherent`], whose handle frees itself.
+        #[track_caller]
+        pub fn dma_alloc_coherent(&self, size: u64, gfp: GfpFlags) -> Result<(core::ptr::NonNull<u8>, DmaAddr), DmaError> {
+            let mut buf = self.alloc_coherent(size, gfp, DmaAttrs::NONE)?;
+            let cpu = buf.cpu_ptr().ok_or(DmaError::NotCpuAddressable { phys: buf.phys(), size })?;
+            let dma = buf.dma_addr();
+            let raw = buf.raw.take().ok_or(DmaError::Free)?;
+            RAW_COHERENT.lock().insert((self.id(), dma.0), raw);
+            Ok((cpu, dma))
+        }
+
+        /// Frees a buffer of [`Device::dma_alloc_coherent`]. A size or CPU address other than the
+        /// allocation's, or an address that is not a live allocation of this device, is refused
+        /// and changes nothing (and dma-debug reports it).
+        #[track_caller]
+        pub fn dma_free_coherent(&self, size: u64, cpu: core::ptr::NonNull<u8>, dma: DmaAddr) -> Result<(), DmaError> {
+            let cpu = cpu.as_ptr() as u64;
+            if debug::enabled() {
+                debug::freeing(self, Some(cpu), dma, size, Location::caller())?;
+            }
+            let mut live = RAW_COHERENT.lock();
+            let matches = live.get(&(self.id(), dma.0)).map(|raw| {
+                raw.size == size && raw.cpu_ptr().is_some_and(|p| p.as_ptr() as u64 == cpu)
+            });
+            match matches {
+                None => Err(DmaError::NotMapped { dma, size }),
+                Some(false) => Err(DmaError::BadRange { offset: 0, size, len: live.get(&(self.id(), dma.0)).map_or(0, |r| r.size) }),
+                Some(true) => {
+                    let raw = live.remove(&(self.id(), dma.0)).ok_or(DmaError::NotMapped { dma, size })?;
+                    drop(live);
+                    match self.backend() {
+                        Backend::Direct => direct::free(self, raw),
+                    }
+                }
+            }
+        }
+
+        /// The device goes away: dma-debug reports every mapping and coherent buffer it still
+        /// holds (a leak) and forgets them. Returns how many there were (0 without dma-debug).
+        #[track_caller]
+        pub fn teardown(&self) -> usize {
+            if debug::enabled() {
+                debug::teardown(self, Location::caller())
+            } else {
+                0
+            }
+        }
+
         /// Gives `dma .. dma + size` (all or part of a live mapping) back to the CPU: the device's
         /// writes become visible.
+        #[track_caller]
         pub fn sync_for_cpu(&self, dma: DmaAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
+            if debug::enabled() {
+                debug::syncing(self, dma, size, dir, true, Location::caller())?;
+            }
             match self.backend() {
                 Backend::Direct => direct::sync_for_cpu(self, dma, size, dir),
             }
@@ -359,13 +494,22 @@ mod kernel {
 
         /// Gives `dma .. dma + size` (all or part of a live mapping) to the device again: the
         /// CPU's writes become visible to it.
+        #[track_caller]
         pub fn sync_for_device(&self, dma: DmaAddr, size: u64, dir: Direction) -> Result<(), DmaError> {
-            match self.backend() {
-                Backend::Direct => direct::sync_for_device(self, dma, size, dir),
+            if debug::enabled() {
+                debug::syncing(self, dma, size, dir, false, Location::caller())?;
             }
+            match self.backend() {
+                Backend::Direct => direct::sync_for_device(self, dma, size, dir)?,
+            }
+            if debug::enabled() {
+                debug::synced_for_device(self, dma, Location::caller());
+            }
+            Ok(())
         }
 
         /// Maps `buf` in direction `D` for as long as the returned stream lives.
+        #[track_caller]
         pub fn map_single<'b, D: DmaDir>(&self, buf: &'b mut [u8]) -> Result<DmaStream<'_, 'b, D>, DmaError> {
             let dma = self.map_phys(PhysAddr(buf.as_ptr() as u64), buf.len() as u64, D::DIR, DmaAttrs::NONE)?;
             Ok(DmaStream { dev: self, buf, dma, live: true, dir: PhantomData })
@@ -374,9 +518,11 @@ mod kernel {
         /// Maps every segment of `sg` in direction `dir`, filling their `dma`; returns the number
         /// of segments mapped (all of them). On an error the segments already mapped are unmapped
         /// again and every `dma` is `None`.
+        #[track_caller]
         pub fn map_sg(&self, sg: &mut [SgEntry], dir: Direction, attrs: DmaAttrs) -> Result<usize, DmaError> {
+            let caller = Location::caller();
             for i in 0..sg.len() {
-                match self.map_phys(sg[i].phys, sg[i].len, dir, attrs) {
+                match self.map_as(sg[i].phys, sg[i].len, dir, attrs, MapKind::Sg, true, caller) {
                     Ok(d) => sg[i].dma = Some(d),
                     Err(e) => {
                         let _ = self.unmap_sg(&mut sg[..i], dir, attrs);
@@ -389,11 +535,13 @@ mod kernel {
 
         /// Unmaps the segments of `sg` that are mapped; the first error is returned after all
         /// segments were tried.
+        #[track_caller]
         pub fn unmap_sg(&self, sg: &mut [SgEntry], dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
+            let caller = Location::caller();
             let mut first = Ok(());
             for e in sg.iter_mut() {
                 if let Some(d) = e.dma.take() {
-                    let r = self.unmap_phys(d, e.len, dir, attrs);
+                    let r = self.unmap_as(d, e.len, dir, attrs, MapKind::Sg, caller);
                     if first.is_ok() {
                         first = r;
                     }
@@ -403,11 +551,13 @@ mod kernel {
         }
 
         /// [`Device::sync_for_cpu`] of every mapped segment.
+        #[track_caller]
         pub fn sync_sg_for_cpu(&self, sg: &[SgEntry], dir: Direction) -> Result<(), DmaError> {
             sg.iter().filter_map(|e| e.dma.map(|d| (d, e.len))).try_for_each(|(d, l)| self.sync_for_cpu(d, l, dir))
         }
 
         /// [`Device::sync_for_device`] of every mapped segment.
+        #[track_caller]
         pub fn sync_sg_for_device(&self, sg: &[SgEntry], dir: Direction) -> Result<(), DmaError> {
             sg.iter().filter_map(|e| e.dma.map(|d| (d, e.len))).try_for_each(|(d, l)| self.sync_for_device(d, l, dir))
         }
@@ -440,11 +590,17 @@ mod kernel {
 
     impl DmaCoherent<'_> {
         /// Frees the buffer; an allocator's refusal is returned.
+        #[track_caller]
         pub fn free(mut self) -> Result<(), DmaError> {
-            self.release()
+            self.release(Location::caller())
         }
 
-        fn release(&mut self) -> Result<(), DmaError> {
+        fn release(&mut self, caller: Caller) -> Result<(), DmaError> {
+            let Some(raw) = self.raw.as_ref() else { return Ok(()) };
+            if debug::enabled() {
+                let cpu = raw.cpu_ptr().map(|p| p.as_ptr() as u64);
+                debug::freeing(self.dev, Some(cpu.unwrap_or(0)), raw.dma, raw.size, caller)?;
+            }
             match self.raw.take() {
                 None => Ok(()),
                 Some(raw) => match self.dev.backend() {
@@ -456,7 +612,7 @@ mod kernel {
 
     impl Drop for DmaCoherent<'_> {
         fn drop(&mut self) {
-            if let Err(e) = self.release() {
+            if let Err(e) = self.release(Location::caller()) {
                 println!("dma: {}: freeing a coherent buffer: {e}", self.dev);
             }
         }
@@ -476,6 +632,7 @@ mod kernel {
         }
 
         /// Ends the mapping and hands the buffer back to the CPU.
+        #[track_caller]
         pub fn unmap(mut self) -> Result<(), DmaError> {
             self.live = false;
             self.dev.unmap_phys(self.dma, self.buf.len() as u64, D::DIR, DmaAttrs::NONE)

@@ -12,6 +12,9 @@ pub mod api;
 pub mod bounce;
 pub mod busmap;
 pub mod contiguous;
+#[cfg(target_os = "none")]
+pub mod debug;
+pub mod debug_track;
 pub mod direct;
 pub mod maint;
 pub mod pool;
@@ -21,6 +24,8 @@ pub mod swiotlb;
 mod ktests;
 #[cfg(target_os = "none")]
 mod remap_ktests;
+#[cfg(target_os = "none")]
+mod debug_ktests;
 
 use core::fmt;
 use core::ops::BitOr;

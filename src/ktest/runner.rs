@@ -67,6 +67,7 @@ pub fn run_all(filter: &Filter, header: impl FnOnce()) -> Totals {
             CURRENT_CASE.store(i, Ordering::Release);
             let r = (case.run)();
             CURRENT_SUITE.store(core::ptr::null_mut(), Ordering::Release);
+            let r = unexpected_dma_debug_reports(r);
             st.add(&r);
             let mut line = String::new();
             let _ = write_result(&mut line, "    ", k + 1, case.name, &r);
@@ -84,4 +85,15 @@ pub fn run_all(filter: &Filter, header: impl FnOnce()) -> Totals {
         totals.skipped += st.skipped;
     }
     totals
+}
+
+/// A case that leaves dma-debug reports it did not take (see `dma::debug::take_reports`) made a
+/// DMA API mistake: it fails, whatever it checked itself. The reports were printed when made.
+fn unexpected_dma_debug_reports(r: super::TestResult) -> super::TestResult {
+    let n = crate::dma::debug::take_reports().len();
+    match (n, r) {
+        (0, r) => r,
+        (n, Err(super::NotPassed::Fail(m))) => Err(super::NotPassed::Fail(alloc::format!("{m}; and {n} dma-debug report(s)"))),
+        (n, _) => Err(super::NotPassed::Fail(alloc::format!("{n} dma-debug report(s) (see the `# dma-debug:` lines above)"))),
+    }
 }

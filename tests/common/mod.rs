@@ -106,6 +106,9 @@ pub fn tail(s: &str, lines: usize) -> String {
 /// Boot `arch` with qemu-run.sh options `opts` (after `--no-build`); `name` identifies the
 /// configuration in failures.
 pub fn boot(name: &str, arch: &str, opts: &[&str]) -> Boot {
+    let opts = with_dma_debug(opts);
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+    let opts = opts.as_slice();
     let variant: Vec<&str> = match opts.iter().position(|o| *o == "--early-uart") {
         Some(i) => opts[i..(i + 2).min(opts.len())].to_vec(),
         None => Vec::new(),
@@ -127,6 +130,29 @@ pub fn boot(name: &str, arch: &str, opts: &[&str]) -> Boot {
     log.push_str(&String::from_utf8_lossy(&out.stderr));
     let report = parse(&log);
     Boot { name: name.to_string(), status: out.status.code(), log, report }
+}
+
+/// The whole QEMU matrix runs with dma-debug on (`dma_debug=on`), except where a test chooses
+/// another `dma_debug=` itself, measures (`bench=`: benchmarks run without debugging, as Linux's
+/// figures do), or takes its bootargs from a DTB of its own (an `--append` would replace them).
+fn with_dma_debug(opts: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = opts.iter().map(|s| s.to_string()).collect();
+    let own_dtb = opts.iter().any(|o| matches!(*o, "--dtb" | "--dtb-raw" | "--dtb-ptr"));
+    match v.iter().position(|o| o == "--append") {
+        Some(i) if i + 1 < v.len() => {
+            let a = &v[i + 1];
+            if !a.contains("dma_debug=") && !a.contains("bench=") {
+                v[i + 1] = format!("{a} dma_debug=on");
+            }
+        }
+        _ if !own_dtb => {
+            let at = v.iter().position(|o| o == "--").unwrap_or(v.len());
+            v.insert(at, "dma_debug=on".into());
+            v.insert(at, "--append".into());
+        }
+        _ => {}
+    }
+    v
 }
 
 fn sanitize(s: &str) -> String {

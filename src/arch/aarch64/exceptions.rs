@@ -106,6 +106,9 @@ extern "C" fn dmakern_exception(frame: &mut TrapFrame, kind: u64) {
         frame.elr += 4;
         return;
     }
+    if kind == 4 && matches!(ec, 0x24 | 0x25) {
+        crate::dma::debug::guard_fault(frame.far, frame.elr);
+    }
     if kind == 4 && matches!(ec, 0x24 | 0x25) && super::probe::fixup(frame) {
         return;
     }

@@ -280,6 +280,9 @@ extern "C" fn dmakern_exception(frame: &mut TrapFrame, kind: u32) {
         frame.r[0] = u32::MAX;
         return;
     }
+    if kind == KIND_DABT {
+        crate::dma::debug::guard_fault(u64::from(fault.dfar), u64::from(frame.pc));
+    }
     if kind == KIND_DABT && super::probe::fixup(frame, &fault) {
         return;
     }
