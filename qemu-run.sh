@@ -9,6 +9,7 @@ cd "$here"
 usage() {
     cat <<'USAGE'
 Usage: ./qemu-run.sh [options] [-- QEMU_ARGS...]
+       ./qemu-run.sh --bench [--arch aarch64|armv7|all] [--update-baseline]
 
 Build dmakern (release) and boot it under QEMU with semihosting, so the kernel's exit status
 becomes this script's. Exit status: 0 only when the kernel reported no failure; a crash, a
@@ -34,14 +35,22 @@ Options:
   --no-build             boot the image built last time (the test harness builds once)
   --build-only           build the image and stop
   --log FILE             also write the console output to FILE
+  --bench                boot every benchmark configuration under --icount and print one table of
+                         the counts with their targets and Linux's figures, then check them against
+                         the committed baseline (tests/bench-baseline.txt); takes only --arch
+                         (aarch64, armv7 or all, the default) and --update-baseline
+  --update-baseline      with --bench: accept this run's counts as the new baseline and rewrite
+                         README.md's table (the deliberate step after a change in cost)
   --help                 this text
   -- ARGS...             passed to QEMU as they are (e.g. -- -M virt,gic-version=3)
 USAGE
 }
 
-arch=aarch64 machine=virt mem=1G smp=1 cpu="" append="" dtb="" dtb_raw="" dtb_ptr="" early_uart="" icount=0 gdb=0 timeout=120 build=1 boot=1 log=""
+arch="" machine=virt mem=1G smp=1 cpu="" append="" dtb="" dtb_raw="" dtb_ptr="" early_uart="" icount=0 gdb=0 timeout=120 build=1 boot=1 log="" bench=0 update_baseline=""
 extra=()
+given=()
 while [ $# -gt 0 ]; do
+    case "$1" in --arch|--bench|--update-baseline) ;; *) given+=("$1") ;; esac
     case "$1" in
         --arch) arch=${2:?--arch needs a value}; shift 2 ;;
         --machine) machine=${2:?--machine needs a value}; shift 2 ;;
@@ -59,12 +68,23 @@ while [ $# -gt 0 ]; do
         --no-build) build=0; shift ;;
         --build-only) boot=0; shift ;;
         --log) log=${2:?--log needs a file}; shift 2 ;;
+        --bench) bench=1; shift ;;
+        --update-baseline) update_baseline=1; shift ;;
         --help|-h) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) echo "qemu-run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 
+if [ "$bench" = 1 ]; then
+    [ ${#given[@]} = 0 ] || { echo "qemu-run.sh: --bench takes only --arch and --update-baseline, not ${given[*]}" >&2; exit 2; }
+    # The configurations, the parsing and the table are a host program (examples/bench_table.rs,
+    # sharing tests/common/bench.rs with the regression test); it boots each configuration through
+    # this script.
+    exec cargo run --example bench_table -- --arch "${arch:-all}" ${update_baseline:+--update-baseline}
+fi
+[ -z "$update_baseline" ] || { echo "qemu-run.sh: --update-baseline goes with --bench" >&2; exit 2; }
+: "${arch:=aarch64}"
 case "$arch" in
     aarch64) target=aarch64-unknown-none-softfloat qemu=qemu-system-aarch64; : "${cpu:=cortex-a57}" ;;
     armv7) target=armv7a-none-eabi qemu=qemu-system-arm; : "${cpu:=cortex-a15}" ;;

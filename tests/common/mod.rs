@@ -1,7 +1,10 @@
 //! The QEMU test harness: builds each kernel image once, boots configurations through
 //! `qemu-run.sh`, and judges the KTAP report (`dmakern::ktest::parse`). A failure names the
-//! configuration and the case.
+//! configuration and the case. `bench` runs the benchmark configurations and holds their baseline,
+//! targets and table (`tests/bench.rs`, `./qemu-run.sh --bench`).
 #![allow(dead_code)]
+
+pub mod bench;
 
 use dmakern::ktest::parse::{parse, Report, Status};
 use std::path::{Path, PathBuf};
