@@ -12,8 +12,8 @@
 
 use core::fmt;
 
-use crate::dma::busmap::{BusMap, DmaAddr};
-use crate::dma::{is_coherent_in_dt, Device};
+use crate::dma::busmap::DmaAddr;
+use crate::dma::Device;
 use crate::drivers::pci::ecam;
 use crate::mm::kmap;
 
@@ -91,13 +91,7 @@ impl Edu {
         let pdev = bus.devices.iter().find(|d| d.vendor == VENDOR && d.device == DEVICE).ok_or(EduError::NotFound)?;
         let bar = pdev.bar(0).ok_or(EduError::NoBar)?;
         let regs = kmap::ioremap(bar.cpu_addr.as_u64(), bar.size).map_err(EduError::Map)?;
-        let dt = &crate::kernel::boot_info().dt;
-        let node = dt.find_compatible(crate::drivers::pci::COMPATIBLE).next().ok_or(EduError::NotFound)?;
-        let coherent = is_coherent_in_dt(&node) && !crate::dma::bounce::force_noncoherent();
-        let mut name = alloc::string::String::new();
-        let _ = fmt::write(&mut name, format_args!("pci {:04x}:{}", pdev.domain, pdev.bdf));
-        // The function sits below the bridge, so the bridge's own `dma-ranges` translate too.
-        let dev = Device::with_bus(&name, BusMap::for_children_of(&node).map_err(EduError::Dt)?, coherent);
+        let dev = ecam::dma_device(pdev).map_err(EduError::Dt)?;
         let edu = Edu { regs, dev };
         match edu.read(REG_ID) {
             id if id & 0xff == 0xed => Ok(edu),

@@ -86,6 +86,20 @@ pub struct PciBus {
 
 static BUS: Once<Result<PciBus, EcamError>> = Once::new();
 
+/// The DMA device of function `pdev` of the enumerated bus: named `pci DDDD:BB:DD.F`, with the
+/// host bridge's bus map (the function sits below the bridge, so the bridge's own `dma-ranges`
+/// translate too) and coherence (`dma.noncoherent` overrides it), and the default masks; the
+/// driver sets the mask it knows the device has. Every PCI driver gets its device here, so that
+/// the bus decides how its functions do DMA.
+pub fn dma_device(pdev: &PciDevice) -> Result<crate::dma::Device, crate::dt::DtError> {
+    let dt = &crate::kernel::boot_info().dt;
+    let node = dt.find_compatible(COMPATIBLE).next().ok_or(crate::dt::DtError::NotFound { what: "PCI host bridge", name: crate::dt::Name::new(COMPATIBLE) })?;
+    let coherent = crate::dma::is_coherent_in_dt(&node) && !crate::dma::bounce::force_noncoherent();
+    let mut name = alloc::string::String::new();
+    let _ = fmt::write(&mut name, format_args!("pci {:04x}:{}", pdev.domain, pdev.bdf));
+    Ok(crate::dma::Device::with_bus(&name, crate::dma::busmap::BusMap::for_children_of(&node)?, coherent))
+}
+
 /// Enumerates the first ECAM host bridge of the boot device tree, once; later calls return the
 /// same result.
 pub fn bus() -> Result<&'static PciBus, &'static EcamError> {
