@@ -65,6 +65,33 @@ park:
     wfe
     b       park
 
+// Secondary CPUs, started by PSCI CPU_ON with x0 = the physical address of their boot parameters
+// (src/smp.rs `BootParams`: MAIR, TCR, TTBR0 and SCTLR as the boot CPU runs them, the stack top,
+// the CPU index), MMU and caches off. They take the boot CPU's translation regime as it is (the
+// final kernel tables), so no relocation or early tables: the image is already relocated.
+.global secondary_entry
+secondary_entry:
+    msr     daifset, #0xf
+    mov     x19, x0
+    bl      drop_to_el1
+    ldp     x1, x2, [x19]               // MAIR, TCR
+    msr     mair_el1, x1
+    msr     tcr_el1, x2
+    ldp     x1, x2, [x19, #16]          // TTBR0 (root and ASID), SCTLR
+    msr     ttbr0_el1, x1
+    isb
+    tlbi    vmalle1                     // whatever firmware left in this CPU's TLB
+    ic      iallu
+    dsb     nsh
+    isb
+    msr     sctlr_el1, x2
+    isb
+    ldp     x1, x0, [x19, #32]          // stack top, CPU index
+    mov     sp, x1
+    msr     tpidr_el1, x0
+    bl      dmakern_start_secondary
+    b       park
+
 // Enter EL1 (AArch64) from whatever level the loader used; keep EL1 access to the counters and FP.
 drop_to_el1:
     mrs     x0, CurrentEL

@@ -115,6 +115,59 @@ park:
     wfe
     b       park
 
+// Secondary CPUs, started by PSCI CPU_ON in A32 state with r0 = the physical address of their boot
+// parameters (src/smp.rs `BootParams`, 64-bit words: MAIR0 | MAIR1 << 32, TTBCR, TTBR0 (root and
+// ASID), SCTLR as the boot CPU runs them, the stack top, the CPU index), MMU and caches off, in HYP
+// or SVC mode. They take the boot CPU's translation regime as it is: the image is already
+// relocated, so symbols are reached PC-relative only until the MMU is on.
+.global secondary_entry
+secondary_entry:
+    cpsid   aif
+    mov     r10, r0
+    mrs     r0, cpsr
+    and     r0, r0, #PSR_MODE_MASK
+    cmp     r0, #MODE_HYP
+    bne     1f
+    bl      hyp_setup
+    mov     r0, #PSR_SVC_MASKED
+    msr     spsr_cxsf, r0
+    adr     r0, 2f
+    msr     elr_hyp, r0
+    eret
+1:  cps     #MODE_SVC
+2:  ADDR    r0, exception_vectors
+    mcr     p15, 0, r0, c12, c0, 0      // VBAR
+    ldr     r0, [r10]
+    mcr     p15, 0, r0, c10, c2, 0      // MAIR0
+    ldr     r0, [r10, #4]
+    mcr     p15, 0, r0, c10, c2, 1      // MAIR1
+    ldr     r0, [r10, #8]
+    mcr     p15, 0, r0, c2, c0, 2       // TTBCR
+    ldr     r0, [r10, #16]
+    ldr     r1, [r10, #20]
+    mcrr    p15, 0, r0, r1, c2          // TTBR0
+    isb
+    mov     r0, #0
+    mcr     p15, 0, r0, c8, c7, 0       // TLBIALL: whatever firmware left in this CPU's TLB
+    mcr     p15, 0, r0, c7, c5, 0       // ICIALLU
+    mcr     p15, 0, r0, c7, c5, 6       // BPIALL
+    dsb
+    isb
+    ldr     r0, [r10, #24]
+    mcr     p15, 0, r0, c1, c0, 0       // SCTLR: MMU and caches on
+    isb
+    ldr     sp, [r10, #32]
+    ldr     r4, [r10, #40]              // CPU index
+    mcr     p15, 0, r4, c13, c0, 4      // TPIDRPRW
+    // This CPU's slice of exception_stacks for ABT, UND, IRQ and FIQ.
+    ADDR    r0, exception_stacks
+    mov     r1, #(EXC_STACK_SIZE * EXC_STACKS_PER_CPU)
+    mla     r0, r1, r4, r0
+    bl      exception_stacks_from_r0
+    mov     r0, r4
+    bl      dmakern_start_secondary
+    b       park
+
 // HYP mode only: leave PL1 untrapped and give it the counter; guests see the real MIDR/MPIDR.
 hyp_setup:
     mov     r0, #0
@@ -138,6 +191,8 @@ hyp_setup:
 // so a fault report does not depend on the interrupted SVC stack being usable. Called in SVC mode.
 exception_stacks_setup:
     ADDR    r0, exception_stacks
+// The same from the base of a CPU's slice in r0.
+exception_stacks_from_r0:
     add     r0, r0, #EXC_STACK_SIZE
     cps     #MODE_ABT
     mov     sp, r0

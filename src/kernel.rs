@@ -180,6 +180,7 @@ fn cpu_name(midr: u64) -> &'static str {
 
 #[no_mangle]
 extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: usize) -> ! {
+    arch::cpu::set_index(0);
     let image = image_layout();
     let dtb_size = probe_dtb(dtb);
     if dtb_size.is_none() {
@@ -314,6 +315,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         Ok(None) => println!("psci: none in the DT"),
         Err(e) => println!("psci: ignored: {e}"),
     }
+    crate::smp::start_secondaries(&dt);
 
     BOOT.call_once(|| BootInfo { dt, bootargs, memmap: Mutex::new(memmap), image, entry_level, console });
     let info = boot_info();

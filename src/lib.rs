@@ -25,4 +25,6 @@ pub mod bench;
 pub mod console;
 #[cfg(target_os = "none")]
 pub mod kernel;
+#[cfg(target_os = "none")]
+pub mod smp;
 pub mod ktest;

@@ -42,6 +42,26 @@ pub fn system_off() {
     };
 }
 
+/// PSCI CPU_ON: starts the CPU with affinity `mpidr` at physical address `entry`, with `context`
+/// in its x0 / r0. The error is PSCI's (already on, invalid parameters, denied...), or
+/// `NotSupported` without PSCI.
+pub fn cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), smccc::psci::Error> {
+    #[cfg(target_arch = "arm")]
+    let on = |c| -> Result<(), smccc::psci::Error> {
+        let (m, e, x) = (mpidr as u32, entry as u32, context as u32);
+        match c {
+            Conduit::Hvc => smccc::psci::cpu_on_32::<Hvc>(m, e, x),
+            Conduit::Smc => smccc::psci::cpu_on_32::<Smc>(m, e, x),
+        }
+    };
+    #[cfg(not(target_arch = "arm"))]
+    let on = |c| match c {
+        Conduit::Hvc => smccc::psci::cpu_on::<Hvc>(mpidr, entry, context),
+        Conduit::Smc => smccc::psci::cpu_on::<Smc>(mpidr, entry, context),
+    };
+    on(conduit().ok_or(smccc::psci::Error::NotSupported)?)
+}
+
 /// PSCI version as (major, minor), if PSCI is there.
 pub fn version() -> Option<(u16, u16)> {
     let v = match conduit()? {

@@ -43,6 +43,12 @@ pub unsafe fn enable(root: PhysAddr, asid: u16, written_uncached: &[(usize, usiz
     cache::isb();
 }
 
+/// The registers a secondary CPU loads to join this CPU's translation regime: MAIR, TCR, TTBR0
+/// (root and ASID) and SCTLR, as they are now (the boot parameters of `crate::smp`).
+pub fn secondary_regs() -> [u64; 4] {
+    [MAIR_EL1.get(), TCR_EL1.get(), TTBR0_EL1.get(), SCTLR_EL1.get()]
+}
+
 /// Switch TTBR0 to `root` tagged `asid`, then drop every TLB entry of `old_asid`.
 ///
 /// # Safety

@@ -53,3 +53,41 @@ pub fn undefined_instruction() {
     // normally.
     unsafe { core::arch::asm!("udf #0", options(nomem, nostack)) };
 }
+
+/// This CPU's index in the kernel's numbering (0 = the boot CPU), kept in TPIDRPRW: the boot CPU
+/// sets it with [`set_index`], secondaries in their entry code.
+#[inline(always)]
+pub fn index() -> usize {
+    let v: u32;
+    // SAFETY: reading TPIDRPRW has no side effects.
+    unsafe { core::arch::asm!("mrc p15, 0, {}, c13, c0, 4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v as usize
+}
+
+/// Records this CPU's index (the boot CPU, once, before anything reads [`index`]).
+pub fn set_index(i: usize) {
+    // SAFETY: TPIDRPRW is the kernel's own per-CPU register; nothing else uses it.
+    unsafe { core::arch::asm!("mcr p15, 0, {}, c13, c0, 4", in(reg) i as u32, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Wakes every CPU waiting in `wfe` (after the stores they wait for).
+pub fn send_event() {
+    // SAFETY: a barrier and an event; no memory effects beyond ordering.
+    unsafe { core::arch::asm!("dsb ish", "sev", options(nostack, preserves_flags)) };
+}
+
+/// Waits for an event (or an interrupt); returns at once if one is pending.
+pub fn wait_for_event() {
+    // SAFETY: waiting has no memory effects.
+    unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+}
+
+/// The physical address a secondary CPU starts at, in A32 state (`secondary_entry` in the boot
+/// assembly, which is A32 code: bit 0 clear; identity-mapped, so its address is its physical
+/// address).
+pub fn secondary_entry() -> u64 {
+    extern "C" {
+        fn secondary_entry();
+    }
+    (secondary_entry as *const () as usize as u64) & !1
+}

@@ -71,6 +71,31 @@ pub unsafe fn enable(root: PhysAddr, asid: u16, written_uncached: &[(usize, usiz
     });
 }
 
+/// The registers a secondary CPU loads to join this CPU's translation regime, as they are now
+/// (the boot parameters of `crate::smp`): MAIR0 | MAIR1 << 32, TTBCR, TTBR0 (root and ASID) and
+/// SCTLR.
+pub fn secondary_regs() -> [u64; 4] {
+    let (mair0, mair1, ttbcr, lo, hi, sctlr): (u32, u32, u32, u32, u32, u32);
+    // SAFETY: reads of the current CP15 translation registers; no side effects.
+    unsafe {
+        core::arch::asm!(
+            "mrc p15, 0, {m0}, c10, c2, 0",
+            "mrc p15, 0, {m1}, c10, c2, 1",
+            "mrc p15, 0, {tc}, c2, c0, 2",
+            "mrrc p15, 0, {lo}, {hi}, c2",
+            "mrc p15, 0, {sc}, c1, c0, 0",
+            m0 = out(reg) mair0,
+            m1 = out(reg) mair1,
+            tc = out(reg) ttbcr,
+            lo = out(reg) lo,
+            hi = out(reg) hi,
+            sc = out(reg) sctlr,
+            options(nomem, nostack, preserves_flags),
+        )
+    };
+    [u64::from(mair0) | u64::from(mair1) << 32, u64::from(ttbcr), u64::from(lo) | u64::from(hi) << 32, u64::from(sctlr)]
+}
+
 /// Switch TTBR0 to `root` tagged `asid`, then drop every TLB entry of `old_asid`.
 ///
 /// # Safety
