@@ -72,7 +72,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Bootargs this kernel understands; others are reported and ignored.
-pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask", "dma.remap", "coherent_pool", "dma_debug"];
+pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask", "dma.remap", "coherent_pool", "dma_debug", "stress"];
 
 /// The kernel heap's size: bookkeeping only (DMA buffers never come from it).
 const HEAP_SIZE: u64 = 4 << 20;

@@ -27,4 +27,6 @@ pub mod console;
 pub mod kernel;
 #[cfg(target_os = "none")]
 pub mod smp;
+#[cfg(target_os = "none")]
+pub mod stress;
 pub mod ktest;

@@ -236,3 +236,33 @@ fn aarch64_restricted_pool() {
 fn armv7_restricted_pool() {
     restricted_pool("armv7", "virt-restricted-armv7");
 }
+
+/// The stress run on 4 CPUs with dma-debug on: every CPU maps, syncs, allocates and frees at once
+/// through every back end (dma-direct coherent and not, dma-remap, the atomic pool, swiotlb) and
+/// through edu; data is checked byte for byte and every counter must come back.
+fn stress(arch: &str, name: &str, append: &str) {
+    let append = format!("ktest.filter=smp,stress stress=1500 {append}");
+    let mut opts: Vec<&str> = vec!["--smp", "4", "--append", &append, "--"];
+    opts.extend_from_slice(machine(arch));
+    opts.extend_from_slice(&["-device", "edu,dma_mask=0xffffffff"]);
+    let b = boot(&format!("{arch} {name}"), arch, &opts);
+    b.assert_passed();
+    b.assert_case_passed("smp", "every_cpu_runs_work");
+    b.assert_case_passed("stress", "dma_stress");
+    b.assert_log_contains("on 4 CPU(s) in ");
+}
+
+#[test]
+fn aarch64_stress_4_cpus() {
+    stress("aarch64", "stress window", "");
+}
+
+#[test]
+fn aarch64_stress_4_cpus_inplace() {
+    stress("aarch64", "stress inplace", "dma.remap=inplace");
+}
+
+#[test]
+fn armv7_stress_4_cpus() {
+    stress("armv7", "stress window", "");
+}

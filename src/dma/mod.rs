@@ -11,6 +11,8 @@
 pub mod api;
 pub mod bounce;
 pub mod busmap;
+#[cfg(test)]
+mod cache_model;
 pub mod contiguous;
 #[cfg(target_os = "none")]
 pub mod debug;
