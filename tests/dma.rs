@@ -10,16 +10,17 @@ mod common;
 use common::{boot, dtb, path_str, root, Boot};
 use std::path::PathBuf;
 
-const SUITES: &str = "ktest.filter=dma_api,dma_remap,dma_debug,virtio";
+const SUITES: &str = "ktest.filter=dma_api,dma_remap,dma_debug,virtio,virtio_pci";
 const MIB: usize = 1 << 20;
 
-/// What the image holds at `pos` before the run (src/drivers/virtio.rs `image_byte`).
+/// What the image holds at `pos` before the run (src/drivers/virtio_pci/test_image.rs `image_byte`).
 fn image_byte(pos: u64) -> u8 {
     let sector = pos / 512;
     ((sector.wrapping_mul(31) ^ (pos % 512).wrapping_mul(7)) as u8) ^ 0x5a
 }
 
-/// What the kernel writes at `pos` of the second MiB (src/drivers/virtio.rs `written_byte`).
+/// What the kernel writes at `pos` of the second MiB (src/drivers/virtio_pci/test_image.rs
+/// `written_byte`).
 fn written_byte(pos: u64) -> u8 {
     ((pos.wrapping_mul(13) >> 3) as u8) ^ 0xa5
 }
@@ -40,15 +41,20 @@ fn machine(arch: &str) -> &'static [&'static str] {
     }
 }
 
-fn run(arch: &str, name: &str, append: &str, edu_mask: &str) -> (Boot, PathBuf) {
-    let img = disk(&format!("{arch}-{}", name.replace(['=', '.', ' '], "_")));
+/// Boots with edu, a virtio-blk-mmio disk, virtio-rng and a modern virtio-blk-pci disk that
+/// negotiates VIRTIO_F_ACCESS_PLATFORM (`iommu_platform=on`); returns both disk images.
+fn run(arch: &str, name: &str, append: &str, edu_mask: &str) -> (Boot, [PathBuf; 2]) {
+    let base = format!("{arch}-{}", name.replace(['=', '.', ' '], "_"));
+    let (img, pci_img) = (disk(&base), disk(&format!("{base}-pci")));
     let append = format!("{append} {SUITES} edu.dma_mask={edu_mask}");
     let drive = format!("file={},if=none,format=raw,id=d0", path_str(&img));
+    let pci_drive = format!("file={},if=none,format=raw,id=d1", path_str(&pci_img));
     let edu = format!("edu,dma_mask={edu_mask}");
     let mut opts: Vec<&str> = vec!["--append", &append, "--"];
     opts.extend_from_slice(machine(arch));
     opts.extend_from_slice(&["-device", &edu, "-drive", &drive, "-device", "virtio-blk-device,drive=d0", "-device", "virtio-rng-device"]);
-    (boot(&format!("{arch} {name}"), arch, &opts), img)
+    opts.extend_from_slice(&["-drive", &pci_drive, "-device", "virtio-blk-pci,drive=d1,disable-legacy=on,iommu_platform=on"]);
+    (boot(&format!("{arch} {name}"), arch, &opts), [img, pci_img])
 }
 
 fn check_disk(b: &Boot, img: &PathBuf) {
@@ -62,7 +68,7 @@ fn check_disk(b: &Boot, img: &PathBuf) {
 }
 
 fn full(arch: &str, name: &str, append: &str) {
-    let (b, img) = run(arch, name, append, "0xffffffff");
+    let (b, imgs) = run(arch, name, append, "0xffffffff");
     b.assert_passed();
     for case in [
         "coherent_alloc_sizes",
@@ -82,6 +88,17 @@ fn full(arch: &str, name: &str, append: &str) {
     for case in ["read_known_image", "write_then_read_1mib", "rng_gives_entropy"] {
         b.assert_case_passed("virtio", case);
     }
+    for case in [
+        "features_negotiated",
+        "read_known_image",
+        "write_then_read_second_mib",
+        "bad_requests_refused",
+        "features_ok_refused_without_access_platform",
+        "unresponsive_device_times_out",
+    ] {
+        b.assert_case_passed("virtio_pci", case);
+    }
+    b.assert_log_contains("ACCESS_PLATFORM offered and accepted");
     if append.contains("swiotlb=force") {
         b.assert_case_passed("dma_api", "forced_bounce").assert_log_contains(", forced");
     } else {
@@ -123,7 +140,9 @@ fn full(arch: &str, name: &str, append: &str) {
             b.assert_case_skipped("dma_debug", case);
         }
     }
-    check_disk(&b, &img);
+    for img in &imgs {
+        check_disk(&b, img);
+    }
 }
 
 fn default_mask(arch: &str) {

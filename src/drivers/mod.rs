@@ -11,3 +11,4 @@ pub mod pl011;
 pub mod psci;
 #[cfg(target_os = "none")]
 pub mod virtio;
+pub mod virtio_pci;

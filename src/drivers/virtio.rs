@@ -148,17 +148,7 @@ mod ktests {
     use alloc::vec;
     use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
     use virtio_drivers::device::rng::VirtIORng;
-
-    /// The byte the test's disk image holds at `pos` (tests/dma.rs writes the same pattern).
-    fn image_byte(pos: u64) -> u8 {
-        let sector = pos / 512;
-        ((sector.wrapping_mul(31) ^ (pos % 512).wrapping_mul(7)) as u8) ^ 0x5a
-    }
-
-    /// The byte the kernel writes at `pos` of the second MiB (tests/dma.rs checks it afterwards).
-    fn written_byte(pos: u64) -> u8 {
-        ((pos.wrapping_mul(13) >> 3) as u8) ^ 0xa5
-    }
+    use crate::drivers::virtio_pci::test_image::{image_byte, written_byte};
 
     const MIB: usize = 1 << 20;
     /// One request: well below the bounce pool's largest mapping (256 KiB).
