@@ -332,8 +332,7 @@ mod ktests {
         let info = crate::kernel::boot_info();
         let Some(arg) = info.bootargs.get("stress") else { kskip!("no stress= bootarg") };
         let Some(bound) = Bound::parse(arg) else {
-            kassert!(false, "stress={arg}: expected a count of operations per CPU, or seconds as `Ns` (1..=3600)");
-            return Ok(());
+            kskip!("stress={arg}: expected a count of operations per CPU, or seconds as `Ns` (1..=3600); no stress run");
         };
         BOUND.call_once(|| bound);
         DEVICES.call_once(setup);

@@ -67,7 +67,8 @@ fn direction(d: BufferDirection) -> Direction {
 }
 
 fn device() -> &'static Device {
-    dma_device().expect("virtio: a virtio device was probed without a virtio-mmio DT node")
+    // `find` hands out no transport without a DMA device, so the HAL never runs without one.
+    dma_device().expect("virtio: DMA through virtio-mmio without a DMA device")
 }
 
 /// The `virtio-drivers` HAL on the DMA API.
@@ -124,11 +125,22 @@ unsafe impl Hal for VirtioHal {
 }
 
 /// The transports of the populated virtio-mmio slots offering `kind`, in DT order.
+/// None if the slots have no usable DMA device (a malformed `dma-ranges` or `memory-region`,
+/// reported when it was read): their devices then stay unused.
 pub fn find(kind: DeviceType) -> alloc::vec::Vec<MmioTransport<'static>> {
     let dt = &crate::kernel::boot_info().dt;
     let mut found = alloc::vec::Vec::new();
+    if dma_device().is_none() {
+        return found;
+    }
     for node in dt.find_compatible(COMPATIBLE) {
-        let Ok(reg) = dt.reg0(&node) else { continue };
+        let reg = match dt.reg0(&node) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::println!("virtio: {}: {e}; slot skipped", node.path());
+                continue;
+            }
+        };
         let Ok(va) = kmap::ioremap(reg.base().as_u64(), reg.size()) else { continue };
         let Some(header) = NonNull::new(va as *mut VirtIOHeader) else { continue };
         // SAFETY: the slot's register block from the DT, mapped as device memory for good; each
@@ -156,6 +168,9 @@ mod ktests {
 
     fn blk() -> Result<VirtIOBlk<VirtioHal, MmioTransport<'static>>, crate::ktest::NotPassed> {
         let Some(t) = find(DeviceType::Block).into_iter().next() else {
+            if dma_device().is_none() && crate::kernel::boot_info().dt.find_compatible(COMPATIBLE).next().is_some() {
+                kskip!("the virtio-mmio slots have no usable DMA device (see the boot log)");
+            }
             kskip!("no virtio-blk device (attach one with -device virtio-blk-device)");
         };
         Ok(ktry!(VirtIOBlk::<VirtioHal, _>::new(t)))
