@@ -109,7 +109,9 @@ fn probe_dtb(ptr: usize) -> Option<u64> {
     // SAFETY: a non-null, aligned pointer the boot loader passed as the DTB; reading its first two
     // words is what every boot protocol allows.
     let (magic, size) = unsafe { (core::ptr::read_volatile(ptr as *const u32), core::ptr::read_volatile((ptr + 4) as *const u32)) };
-    (u32::from_be(magic) == 0xd00d_feed).then_some(u32::from_be(size) as u64)
+    // An implausible size is left to the parser to report: mapping it could not even succeed.
+    let size = u32::from_be(size);
+    (u32::from_be(magic) == 0xd00d_feed && size <= crate::dt::MAX_TOTALSIZE).then_some(size as u64)
 }
 
 /// The early UART given at build time (`DMAKERN_EARLY_UART=0x...`), for messages before the device
@@ -293,6 +295,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
     memmap.seal();
     crate::dma::remap::init(&dt, &bootargs, &memmap, crate::dma::bounce::platform_dma_limit(&dt).0);
     crate::dma::debug::init(bootargs.get("dma_debug"));
+    crate::iommu::smmuv3::init(&dt);
 
     println!("memory map:");
     let _ = memmap.write_to(&mut ConsoleWriter);

@@ -14,6 +14,7 @@ pub mod bootargs;
 pub mod dma;
 pub mod drivers;
 pub mod dt;
+pub mod iommu;
 pub mod mm;
 pub mod sort;
 

@@ -87,8 +87,14 @@ impl Edu {
     /// bus map and coherence (`dma.noncoherent` overrides it) and the default masks; the caller
     /// sets the mask it knows the device has.
     pub fn probe() -> Result<Edu, EduError> {
+        Self::probe_nth(0)
+    }
+
+    /// As [`Edu::probe`], for the `n`th edu function (0-based, in bus order): QEMU runs may add
+    /// several, e.g. with different `dma_mask`s.
+    pub fn probe_nth(n: usize) -> Result<Edu, EduError> {
         let bus = ecam::bus().map_err(EduError::Pci)?;
-        let pdev = bus.devices.iter().find(|d| d.vendor == VENDOR && d.device == DEVICE).ok_or(EduError::NotFound)?;
+        let pdev = bus.devices.iter().filter(|d| d.vendor == VENDOR && d.device == DEVICE).nth(n).ok_or(EduError::NotFound)?;
         let bar = pdev.bar(0).ok_or(EduError::NoBar)?;
         let regs = kmap::ioremap(bar.cpu_addr.as_u64(), bar.size).map_err(EduError::Map)?;
         let dev = ecam::dma_device(pdev).map_err(EduError::Dt)?;
