@@ -296,7 +296,7 @@ mod kernel {
         let Some(prop) = node.property("memory-region") else { return Ok(None) };
         let pools = RESTRICTED.get().map_or(&[][..], Vec::as_slice);
         for phandle in prop.as_u32s()? {
-            let off = dt.node_by_phandle(phandle).map_err(|_| prop.error("a phandle names no node"))?.offset();
+            let off = dt.phandle_target(&prop, phandle)?.offset();
             if let Some(r) = pools.iter().find(|r| r.node == off) {
                 return Ok(Some(&r.pool));
             }

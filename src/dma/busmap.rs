@@ -478,14 +478,14 @@ fn checked_entries<'a>(
     let parent_cells = Cells::of(parent)?;
     Ok(CheckedEntries {
         ranges: Ranges::new(prop, cells, parent_cells.address)?,
-        bus: *bus,
+        prop: *prop,
     })
 }
 
 #[derive(Clone, Copy)]
 struct CheckedEntries<'a> {
     ranges: Ranges<'a>,
-    bus: Node<'a>,
+    prop: Property<'a>,
 }
 
 impl Iterator for CheckedEntries<'_> {
@@ -499,11 +499,7 @@ impl Iterator for CheckedEntries<'_> {
             }
             for base in [e.child, e.parent] {
                 if !fits(base, e.size) {
-                    return Some(Err(DtError::Overflow {
-                        node: self.bus.short_name(),
-                        base,
-                        size: e.size,
-                    }));
+                    return Some(Err(self.prop.error("a window runs past the end of the 64-bit address space")));
                 }
             }
             return Some(Ok(e));
@@ -895,28 +891,20 @@ mod tests {
                 len: 20,
             }
         );
+        let wraps = |node: &str, len: u32| DtError::Property {
+            node: Name::new(node),
+            prop: Name::new("dma-ranges"),
+            what: "a window runs past the end of the 64-bit address space",
+            len,
+        };
         let e = map_of(DMA_RANGES, "/broken/bus-wraps/dev@0,0").unwrap_err();
-        assert_eq!(
-            e,
-            DtError::Overflow {
-                node: Name::new("bus-wraps"),
-                base: 0xffff_ffff_ffff_0000,
-                size: 0x2_0000
-            }
-        );
+        assert_eq!(e, wraps("bus-wraps", 24));
         assert_eq!(
             format!("{e}"),
-            "region 0xffffffffffff0000 + 0x20000 of node `bus-wraps` wraps past the end of the address space"
+            "property `dma-ranges` of node `bus-wraps` (24 bytes): a window runs past the end of the 64-bit address space"
         );
         let e = map_of(DMA_RANGES, "/broken/cpu-wraps/dev@0").unwrap_err();
-        assert_eq!(
-            e,
-            DtError::Overflow {
-                node: Name::new("cpu-wraps"),
-                base: 0xffff_ffff_ffff_0000,
-                size: 0x2_0000
-            }
-        );
+        assert_eq!(e, wraps("cpu-wraps", 20));
         let e = map_of(DMA_RANGES, "/broken/empty-window/dev@0").unwrap_err();
         assert!(
             matches!(

@@ -147,10 +147,22 @@ fn scan_name(b: &[u8]) -> Option<(usize, bool)> {
     }
 }
 
-/// Whether the string at `off` in `b` is NUL-terminated inside `b` and a valid name: what
-/// `name_at(b, off).is_some()` says, without decoding.
+/// Whether the string at `off` in `b` is NUL-terminated inside `b` and a valid, non-empty name:
+/// what `name_at(b, off).is_some()` says, without decoding.
 fn valid_name_at(b: &[u8], off: usize) -> bool {
-    matches!(scan_name(b.get(off..).unwrap_or_default()), Some((_, true)))
+    matches!(scan_name(b.get(off..).unwrap_or_default()), Some((len, true)) if len > 0)
+}
+
+/// Why the property name at `off` in the strings block `b` is refused (for a name
+/// `valid_name_at` refused).
+#[cold]
+fn bad_name_reason(b: &[u8], off: usize) -> &'static str {
+    match b.get(off..).filter(|rest| !rest.is_empty()).map(scan_name) {
+        None => "lies outside the strings block",
+        Some(None) => "is not NUL-terminated inside the strings block",
+        Some(Some((0, _))) => "is empty (names have 1 to 31 characters)",
+        Some(Some(_)) => "contains invalid characters",
+    }
 }
 
 /// `x` with its zero bytes turned into 'a'. The top bit of exactly the zero bytes is computed
@@ -162,8 +174,9 @@ fn nuls_to_a(x: u64) -> u64 {
 }
 
 /// Whether `b` (a strings block) is nothing but valid names and NULs, ending with a NUL. Then every
-/// offset inside it starts a valid (possibly empty) name, and the validator need not look at the
-/// name of each property: the usual case, checked once, eight bytes at a time.
+/// offset inside it starts a valid, terminated, possibly empty name, and the validator need only
+/// check that a property's name is not empty (its first byte is not the NUL): the usual case,
+/// checked once, eight bytes at a time.
 fn only_names(b: &[u8]) -> bool {
     if b.last() != Some(&0) {
         return false;
@@ -182,11 +195,12 @@ fn only_names(b: &[u8]) -> bool {
     invalid == 0
 }
 
-/// The NUL-terminated string at `off` in `b`, if it is terminated inside `b` and a valid name.
+/// The NUL-terminated string at `off` in `b`, if it is terminated inside `b` and a valid,
+/// non-empty name.
 fn name_at(b: &[u8], off: usize) -> Option<&str> {
     let rest = b.get(off..)?;
     let name = rest.get(..rest.iter().position(|&c| c == 0)?)?;
-    if !valid_name(name) {
+    if name.is_empty() || !valid_name(name) {
         return None;
     }
     core::str::from_utf8(name).ok()
@@ -424,8 +438,9 @@ pub(crate) struct Blob<'a> {
 impl<'a> Blob<'a> {
     /// Walks the whole structure block and checks everything the accessors rely on:
     /// tokens well-formed and inside the block, names terminated and printable, property names
-    /// inside the strings block, properties before subnodes, balanced nesting no deeper than
-    /// `MAX_DEPTH`, exactly one root, and a final FDT_END. Fills `index`, if given, on the way.
+    /// non-empty and inside the strings block, properties before subnodes, balanced nesting no
+    /// deeper than `MAX_DEPTH`, exactly one root, and a final FDT_END. Fills `index`, if given,
+    /// on the way.
     pub(crate) fn validate(self, mut index: Option<&mut NodeIndex>) -> Result<Validated, DtError> {
         let s = self.structs;
         let mut off = 0usize;
@@ -594,16 +609,20 @@ impl<'a> Blob<'a> {
                 .structs
                 .get(start..end)
                 .ok_or_else(|| err("property value runs past the end of the structure block"))?;
-            let at = header_word(header, 8) as usize;
+            let nameoff = header_word(header, 8);
+            let at = nameoff as usize;
             let name_ok = if strings_ok {
-                at < self.strings.len()
+                // Inside the block and not at a NUL (an empty name).
+                self.strings.get(at).is_some_and(|&c| c != 0)
             } else {
                 valid_name_at(self.strings, at)
             };
             if !name_ok {
-                return Err(err(
-                    "property name offset outside the strings block, unterminated or invalid",
-                ));
+                return Err(DtError::PropertyName {
+                    offset: off as u32,
+                    nameoff,
+                    what: bad_name_reason(self.strings, at),
+                });
             }
             if value == b"memory\0" && name_is(self.strings, at, b"device_type") {
                 landmarks.note_memory(node);
@@ -1224,6 +1243,16 @@ impl<'a> Property<'a> {
             prop: Name::new(self.name),
             what,
             len: self.value.len() as u32,
+        }
+    }
+
+    /// An error value about `phandle`, found in this property.
+    pub fn phandle_error(&self, phandle: u32, what: &'static str) -> DtError {
+        DtError::PhandleRef {
+            node: Name::new(self.node_name()),
+            prop: Name::new(self.name),
+            phandle,
+            what,
         }
     }
 

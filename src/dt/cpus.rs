@@ -92,7 +92,14 @@ impl<'a> DeviceTree<'a> {
             name: Name::new("/cpus"),
         })?;
         let cells = Cells::of(&cpus)?;
-        if cells.address == 0 || cells.address > MAX_TRANSLATED_ADDRESS_CELLS {
+        if cells.address == 0 {
+            return Err(DtError::ZeroCells {
+                node: cpus.short_name(),
+                prop: "#address-cells",
+                what: "the `reg` of a CPU node holds its MPIDR",
+            });
+        }
+        if cells.address > MAX_TRANSLATED_ADDRESS_CELLS {
             return Err(DtError::Cells {
                 node: cpus.short_name(),
                 prop: "#address-cells",
@@ -201,5 +208,17 @@ mod tests {
         let cpu = dt.cpus().unwrap().nth(1).unwrap().unwrap();
         assert_eq!(cpu.enable_method, Some("psci"));
         assert_eq!(cpu.mpidr, 0x100);
+    }
+
+    #[test]
+    fn cpus_without_address_cells_are_refused() {
+        let blob = with_cell(QEMU_VIRT_A53_2G, "/cpus", "#address-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        let e = dt.cpus().err().unwrap();
+        assert_eq!(
+            format!("{e}"),
+            "`#address-cells = 0` in node `cpus` is not allowed: the `reg` of a CPU node holds \
+             its MPIDR"
+        );
     }
 }

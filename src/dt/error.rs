@@ -89,12 +89,22 @@ pub enum DtError {
     Truncated { need: u64, have: u64 },
     /// Version older than 16 or incompatible (last_comp_version newer than 17).
     Version { version: u32, last_comp: u32 },
-    /// A block named by the header lies (partly) outside `totalsize` or overlaps the header.
+    /// A block named by the header lies (partly) outside `totalsize`.
     BlockOutOfBounds {
         block: &'static str,
         start: u64,
         end: u64,
         totalsize: u32,
+    },
+    /// A block named by the header starts inside the header itself.
+    BlockOverHeader { block: &'static str, start: u32 },
+    /// Two blocks named by the header share bytes (each range as the header and, for the
+    /// reservation map, its terminator place it).
+    BlocksOverlap {
+        first: &'static str,
+        first_range: (u64, u64),
+        second: &'static str,
+        second_range: (u64, u64),
     },
     /// A block offset is not aligned as the spec requires.
     BlockMisaligned { block: &'static str, offset: u32 },
@@ -102,6 +112,14 @@ pub enum DtError {
     MemReserveUnterminated,
     /// The structure block is malformed at `offset` (relative to the block's start).
     Structure { offset: u32, what: &'static str },
+    /// The property at structure offset `offset` has a bad name: `nameoff` (its offset in the
+    /// strings block) is outside the block, or the string there is empty, unterminated or not a
+    /// valid name.
+    PropertyName {
+        offset: u32,
+        nameoff: u32,
+        what: &'static str,
+    },
     /// A node or alias that a query needs does not exist.
     NotFound { what: &'static str, name: Name },
     /// A property has the wrong length or encoding.
@@ -118,6 +136,13 @@ pub enum DtError {
         value: u32,
         max: u32,
     },
+    /// `#address-cells` / `#size-cells` is 0 where what the node's children describe needs
+    /// addresses (or sizes): legal on some nodes (`/cpus` has `#size-cells = 0`), not on this one.
+    ZeroCells {
+        node: Name,
+        prop: &'static str,
+        what: &'static str,
+    },
     /// An address cannot be translated to a CPU physical address.
     Untranslatable {
         node: Name,
@@ -126,6 +151,14 @@ pub enum DtError {
     },
     /// A phandle is invalid (0 or ~0), unknown, or defined by two nodes.
     Phandle { phandle: u32, what: &'static str },
+    /// A phandle found in property `prop` of `node` is unknown or ambiguous, or names a node that
+    /// is not what the property needs.
+    PhandleRef {
+        node: Name,
+        prop: Name,
+        phandle: u32,
+        what: &'static str,
+    },
     /// A chain of references (interrupt-parent, ...) does not end within the hop limit.
     Loop {
         what: &'static str,
@@ -166,6 +199,20 @@ impl fmt::Display for DtError {
                 f,
                 "truncated: header says {totalsize} bytes, {block} block spans {start:#x}..{end:#x}"
             ),
+            BlockOverHeader { block, start } => write!(
+                f,
+                "{block} block at {start:#x} overlaps the header (0x0..{:#x})",
+                super::HEADER_SIZE
+            ),
+            BlocksOverlap {
+                first,
+                first_range: (a, b),
+                second,
+                second_range: (c, d),
+            } => write!(
+                f,
+                "{first} block {a:#x}..{b:#x} overlaps the {second} block {c:#x}..{d:#x}"
+            ),
             BlockMisaligned { block, offset } => {
                 write!(f, "{block} block offset {offset:#x} is misaligned")
             }
@@ -175,6 +222,15 @@ impl fmt::Display for DtError {
             Structure { offset, what } => {
                 write!(f, "malformed structure block at offset {offset:#x}: {what}")
             }
+            PropertyName {
+                offset,
+                nameoff,
+                what,
+            } => write!(
+                f,
+                "malformed structure block at offset {offset:#x}: property name at strings-block \
+                 offset {nameoff:#x} {what}"
+            ),
             NotFound { what, name } => write!(f, "{what} `{name}` not found"),
             Property { node, prop, what, len } => {
                 write!(f, "property `{prop}` of node `{node}` ({len} bytes): {what}")
@@ -183,11 +239,23 @@ impl fmt::Display for DtError {
                 f,
                 "`{prop} = {value}` in node `{node}` is not supported (at most {max})"
             ),
+            ZeroCells { node, prop, what } => {
+                write!(f, "`{prop} = 0` in node `{node}` is not allowed: {what}")
+            }
             Untranslatable { node, addr, what } => write!(
                 f,
                 "cannot translate address {addr:#x} of node `{node}` to a CPU physical address: {what}"
             ),
             Phandle { phandle, what } => write!(f, "phandle {phandle:#x}: {what}"),
+            PhandleRef {
+                node,
+                prop,
+                phandle,
+                what,
+            } => write!(
+                f,
+                "property `{prop}` of node `{node}`: phandle {phandle:#x}: {what}"
+            ),
             Loop { what, node, hops } => write!(
                 f,
                 "{what} starting at node `{node}` does not end after {hops} hops (cycle?)"

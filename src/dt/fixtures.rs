@@ -1,4 +1,5 @@
-//! Test-only: the device trees in tests/fixtures/dt/ (see the README.md there for their origin).
+//! Test-only: the device trees in tests/fixtures/dt/ (see the README.md there for their origin),
+//! and `with_cell` to mutate them.
 
 macro_rules! fixture {
     ($name:ident, $file:literal) => {
@@ -63,3 +64,21 @@ pub const VALID: &[(&str, &[u8])] = &[
     ("broken-chosen", BROKEN_CHOSEN),
     ("broken-reserved", BROKEN_RESERVED),
 ];
+
+/// A copy of `blob` with the one-cell property `prop` of the node at `path` set to `value`: the
+/// same mutation as editing the source and recompiling, for trees whose source is not kept (QEMU's).
+/// Panics if the node or the four-byte property does not exist.
+pub fn with_cell(blob: &[u8], path: &str, prop: &str, value: u32) -> Vec<u8> {
+    let dt = super::DeviceTree::from_bytes(blob).unwrap();
+    let node = dt
+        .find_node(path)
+        .unwrap_or_else(|| panic!("no node {path}"));
+    let p = node
+        .property(prop)
+        .unwrap_or_else(|| panic!("no {prop} in {path}"));
+    assert_eq!(p.value.len(), 4, "{path} {prop}");
+    let at = p.value.as_ptr() as usize - blob.as_ptr() as usize;
+    let mut out = blob.to_vec();
+    out[at..at + 4].copy_from_slice(&value.to_be_bytes());
+    out
+}

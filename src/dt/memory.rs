@@ -9,7 +9,8 @@ use super::DeviceTree;
 use crate::mm::addr::PhysAddr;
 use crate::mm::memmap::Region;
 
-const RSV_ENTRY: usize = 16;
+/// Bytes of one reservation map entry (address, size), and of its terminator.
+pub(super) const RSV_ENTRY: usize = 16;
 
 /// The entries of the memory reservation map starting at `start` in `bytes`, without the (0, 0)
 /// terminator, which must lie inside `bytes`.
@@ -62,7 +63,8 @@ impl Iterator for MemReserves<'_> {
 /// `device_type = "memory"` (any node name), translated to CPU physical addresses. As in Linux,
 /// `linux,usable-memory` replaces `reg` where present, nodes without either are skipped, and
 /// zero-sized entries are skipped (downstream Pi trees carry `reg = <0 0>` for the firmware to
-/// fill in).
+/// fill in). A memory node whose parent has `#address-cells = 0` or `#size-cells = 0` is an error
+/// (see [`TranslatedRegs::memory`]), not a source of empty regions.
 pub struct MemoryRegions<'a> {
     nodes: MemoryNodes<'a>,
     current: Option<TranslatedRegs<'a>>,
@@ -120,7 +122,7 @@ impl Iterator for MemoryRegions<'_> {
                 .filter(|p| !p.is_empty())
                 .or_else(|| node.property("reg"));
             if let Some(prop) = prop {
-                match TranslatedRegs::new(node, prop, RangesProp::Ranges) {
+                match TranslatedRegs::memory(node, prop, RangesProp::Ranges) {
                     Ok(regs) => self.current = Some(regs),
                     Err(e) => return Some(Err(e)),
                 }
@@ -225,7 +227,7 @@ fn reserved_memory(node: Node<'_>) -> Result<ReservedMemory<'_>, DtError> {
     let sized = |name| node.property(name).map(|p| p.as_u32_or_u64()).transpose();
     let regs = |name| {
         node.property(name)
-            .map(|p| TranslatedRegs::new(node, p, RangesProp::Ranges))
+            .map(|p| TranslatedRegs::memory(node, p, RangesProp::Ranges))
             .transpose()
     };
     let phandle = node
@@ -272,13 +274,20 @@ impl<'a> DeviceTree<'a> {
     ///
     /// Their `reg` and `alloc-ranges` are read with `/reserved-memory`'s own cells and translated
     /// through its `ranges`, so cell counts that differ from the root's work (Linux instead
-    /// ignores such a node). Errors if the node's cells are unsupported or it has no `ranges`
+    /// ignores such a node). Errors if the node's cells are unsupported or 0 (its children are
+    /// regions with addresses and sizes: with `#size-cells = 0` every one would read as empty and
+    /// be skipped, a `no-map` firmware region handed to the page allocator) or it has no `ranges`
     /// (required by the binding: without it its children's addresses mean nothing).
     pub fn reserved_memory(&self) -> Result<ReservedMemories<'a>, DtError> {
         let Some(rm) = self.find_node("/reserved-memory") else {
             return Ok(ReservedMemories { children: None });
         };
-        Cells::of(&rm)?;
+        let cells = Cells::of(&rm)?;
+        cells.require_addresses(
+            &rm,
+            "its children's `reg` and `alloc-ranges` hold addresses",
+        )?;
+        cells.require_sizes(&rm)?;
         if !rm.has_property("ranges") {
             return Err(DtError::NotFound {
                 what: "`ranges` property of node",
@@ -492,5 +501,31 @@ mod tests {
         assert!(errs[0].contains("`size`"), "{}", errs[0]);
         assert!(errs[1].contains("`reg`"), "{}", errs[1]);
         assert!(errs[2].contains("`phandle`"), "{}", errs[2]);
+    }
+
+    #[test]
+    fn reserved_memory_needs_addresses_and_sizes() {
+        // reserved.dts: /reserved-memory 2/2 with secmon@40100000 (no-map, reg <0 0x40100000 0
+        // 0x100000>). Under #size-cells = 0 that reg would read as two empty regions, skipped,
+        // and the no-map firmware region would go to the page allocator: the node is refused.
+        let blob = with_cell(RESERVED, "/reserved-memory", "#size-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        let e = dt.reserved_memory().err().unwrap();
+        assert_eq!(
+            format!("{e}"),
+            "`#size-cells = 0` in node `reserved-memory` is not allowed: its children's `reg` are \
+             memory regions, which need a size"
+        );
+        let blob = with_cell(RESERVED, "/reserved-memory", "#address-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        let e = dt.reserved_memory().err().unwrap();
+        assert_eq!(
+            e,
+            DtError::ZeroCells {
+                node: crate::dt::Name::new("reserved-memory"),
+                prop: "#address-cells",
+                what: "its children's `reg` and `alloc-ranges` hold addresses",
+            }
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! generic node/property access and address translation for drivers.
 //!
 //! The whole blob is validated once, in [`DeviceTree::from_bytes`] / [`DeviceTree::from_ptr`]: the
-//! header, every block's bounds, and every token of the structure block. Queries then return
-//! values or `DtError`s and never panic, loop forever or overflow, whatever the input.
+//! header, every block's bounds (after the header, inside `totalsize`, no two sharing a byte), and
+//! every token of the structure block. Queries then return values or `DtError`s and never panic,
+//! loop forever or overflow, whatever the input.
 //!
 //! Why not the `fdt` crate (0.1.5) for the parsing: it panics on malformed input (`expect`,
 //! `unwrap`, `assert_eq!`, unchecked slicing in its property and node walkers, and in `chosen()`,
@@ -88,8 +89,11 @@ fn block_range(
     size: u32,
     totalsize: u32,
 ) -> Result<core::ops::Range<usize>, DtError> {
+    if start < HEADER_SIZE {
+        return Err(DtError::BlockOverHeader { block, start });
+    }
     let end = start as u64 + size as u64;
-    if start < HEADER_SIZE || end > totalsize as u64 {
+    if end > totalsize as u64 {
         return Err(DtError::BlockOutOfBounds {
             block,
             start: start as u64,
@@ -98,6 +102,26 @@ fn block_range(
         });
     }
     Ok(start as usize..end as usize)
+}
+
+/// Refuses blocks that share bytes. A block placed over another (say the reservation map over the
+/// structure block) makes the same bytes mean two things, so one of them is garbage: refused here
+/// with the header named as the culprit rather than later as whatever the garbage looks like.
+/// Empty blocks share no bytes with anything.
+fn check_disjoint(blocks: &[(&'static str, core::ops::Range<usize>)]) -> Result<(), DtError> {
+    for (i, (first, a)) in blocks.iter().enumerate() {
+        for (second, b) in blocks.iter().skip(i + 1) {
+            if a.start < b.end && b.start < a.end {
+                return Err(DtError::BlocksOverlap {
+                    first,
+                    first_range: (a.start as u64, a.end as u64),
+                    second,
+                    second_range: (b.start as u64, b.end as u64),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A validated device tree. Cheap to copy (a few slices and a reference to its node index, if it
@@ -202,12 +226,16 @@ impl<'a> DeviceTree<'a> {
             });
         }
 
-        // Version 16 headers have no size_dt_struct: the block runs to the end of the blob and
-        // the walker stops at FDT_END.
+        // Version 16 headers have no size_dt_struct: the block runs up to the next block (or the
+        // end of the blob), and the walker stops at its FDT_END.
         let struct_size = if h.version >= 17 {
             h.size_dt_struct
         } else {
-            h.totalsize.saturating_sub(h.off_dt_struct)
+            let next = [h.off_dt_strings, h.off_mem_rsvmap]
+                .into_iter()
+                .filter(|&off| off > h.off_dt_struct)
+                .fold(h.totalsize, u32::min);
+            next.saturating_sub(h.off_dt_struct)
         };
         if !h.off_dt_struct.is_multiple_of(4) {
             return Err(DtError::BlockMisaligned {
@@ -224,13 +252,23 @@ impl<'a> DeviceTree<'a> {
         let structs = block_range("structure", h.off_dt_struct, struct_size, h.totalsize)?;
         let strings = block_range("strings", h.off_dt_strings, h.size_dt_strings, h.totalsize)?;
         let rsv_start = block_range("memory reservation", h.off_mem_rsvmap, 0, h.totalsize)?.start;
+        let rsvmap = memory::rsvmap_entries(bytes, rsv_start);
+        // The map spans its entries and terminator. Without a terminator it still takes the 16
+        // bytes one would: so a map placed on another block is reported as such, while one that
+        // merely runs off the end is reported as unterminated.
+        let rsv_len = rsvmap.map_or(memory::RSV_ENTRY, |e| e.len() + memory::RSV_ENTRY);
+        check_disjoint(&[
+            ("memory reservation", rsv_start..rsv_start + rsv_len),
+            ("structure", structs.clone()),
+            ("strings", strings.clone()),
+        ])?;
+        let rsvmap = rsvmap?;
 
         let blob = Blob {
             structs: bytes.get(structs).unwrap_or_default(),
             strings: bytes.get(strings).unwrap_or_default(),
             index: None,
         };
-        let rsvmap = memory::rsvmap_entries(bytes, rsv_start)?;
         let found = blob.validate(index)?;
         let root = blob.node_at(found.root).ok_or(DtError::Structure {
             offset: found.root as u32,
@@ -370,6 +408,14 @@ impl<'a> DeviceTree<'a> {
         }
     }
 
+    /// The root's `#address-cells` and `#size-cells` (see [`Cells::of_root`]): the width of CPU
+    /// physical addresses and sizes, each 1 or 2. The boot path checks them first, so that a tree
+    /// whose root cells are unusable is refused naming `/`, not by whichever reader meets them
+    /// first (the console's `reg`, the memory nodes, ...).
+    pub fn root_cells(&self) -> Result<Cells, DtError> {
+        Cells::of_root(&self.root)
+    }
+
     /// Root `model`, if present.
     pub fn model(&self) -> Result<Option<&'a str>, DtError> {
         self.root.property("model").map(|p| p.as_str()).transpose()
@@ -414,11 +460,22 @@ impl<'a> DeviceTree<'a> {
         })
     }
 
-    /// The node referenced by the single-phandle property `prop` of `node`, if present.
+    /// The node `phandle`, read from property `prop`, refers to: as [`DeviceTree::node_by_phandle`],
+    /// with errors naming `prop` and its node (a bare "phandle 0x9999: no node has this phandle"
+    /// does not say where to look).
+    pub fn phandle_target(&self, prop: &Property<'_>, phandle: u32) -> Result<Node<'a>, DtError> {
+        self.node_by_phandle(phandle).map_err(|e| match e {
+            DtError::Phandle { phandle, what } => prop.phandle_error(phandle, what),
+            other => other,
+        })
+    }
+
+    /// The node referenced by the single-phandle property `prop` of `node`, if present. Errors
+    /// name the property (see [`DeviceTree::phandle_target`]).
     pub fn phandle_ref(&self, node: &Node<'a>, prop: &str) -> Result<Option<Node<'a>>, DtError> {
         match node.property(prop) {
             None => Ok(None),
-            Some(p) => self.node_by_phandle(p.as_phandle()?).map(Some),
+            Some(p) => self.phandle_target(&p, p.as_phandle()?).map(Some),
         }
     }
 
@@ -696,13 +753,33 @@ mod tests {
             format!("{e}"),
             "truncated: header says 1374 bytes, structure block spans 0x58..0x1058"
         );
-        assert!(matches!(
-            patched(12, 0x10),
-            Some(DtError::BlockOutOfBounds {
+        // A block starting inside the header overlaps it; that is not a truncation.
+        let e = patched(12, 0x10).unwrap();
+        assert_eq!(
+            e,
+            DtError::BlockOverHeader {
                 block: "strings",
-                ..
+                start: 0x10
+            }
+        );
+        assert_eq!(
+            format!("{e}"),
+            "strings block at 0x10 overlaps the header (0x0..0x28)"
+        );
+        assert_eq!(
+            patched(8, 0x10),
+            Some(DtError::BlockOverHeader {
+                block: "structure",
+                start: 0x10
             })
-        ));
+        );
+        assert_eq!(
+            patched(16, 0x10),
+            Some(DtError::BlockOverHeader {
+                block: "memory reservation",
+                start: 0x10
+            })
+        );
         assert!(matches!(
             patched(12, 0xffff_ffff),
             Some(DtError::BlockOutOfBounds { .. })
@@ -718,8 +795,88 @@ mod tests {
             patched(16, 0x2c),
             Some(DtError::BlockMisaligned { .. })
         ));
-        // Point the reservation map at the last 8 bytes of the blob: no room for a terminator.
-        assert_eq!(patched(16, 1368), Some(DtError::MemReserveUnterminated));
+        // reserved.dtb's blocks: reservation map 0x28..0x58 (two entries and the terminator),
+        // structure 0x58..0x498, strings 0x498..0x55e. The reservation map moved to the last
+        // 8 bytes of the blob lands in the strings block (and has no room for a terminator).
+        assert_eq!(
+            patched(16, 1368),
+            Some(DtError::BlocksOverlap {
+                first: "memory reservation",
+                first_range: (0x558, 0x568),
+                second: "strings",
+                second_range: (0x498, 0x55e)
+            })
+        );
+        // The strings block moved onto the structure block.
+        let e = patched(12, 0x58).unwrap();
+        assert_eq!(
+            e,
+            DtError::BlocksOverlap {
+                first: "structure",
+                first_range: (0x58, 0x498),
+                second: "strings",
+                second_range: (0x58, 0x11e)
+            }
+        );
+        assert_eq!(
+            format!("{e}"),
+            "structure block 0x58..0x498 overlaps the strings block 0x58..0x11e"
+        );
+        // The reservation map moved onto the structure block: wherever its walk through the
+        // tokens ends, it starts inside that block.
+        let e = patched(16, 0x58).unwrap();
+        assert!(
+            matches!(
+                e,
+                DtError::BlocksOverlap {
+                    first: "memory reservation",
+                    first_range: (0x58, _),
+                    second: "structure",
+                    second_range: (0x58, 0x498)
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            format!("{e}").starts_with("memory reservation block 0x58.."),
+            "{e}"
+        );
+        // Version 16 has no size_dt_struct: the structure block ends where the strings block
+        // begins, which is no overlap.
+        let v16 = {
+            let mut b = RESERVED.to_vec();
+            b[20..24].copy_from_slice(&16u32.to_be_bytes());
+            b
+        };
+        assert_eq!(open(&v16).nodes().count(), open(RESERVED).nodes().count());
+    }
+
+    #[test]
+    fn block_layouts() {
+        use T::*;
+        let t = tokens(&[Begin(""), End, Finish]);
+        // An empty strings block placed at the structure block's offset shares no byte with it.
+        let mut b = build(&t, b"");
+        b[12..16].copy_from_slice(&56u32.to_be_bytes());
+        assert_eq!(open(&b).root().properties().count(), 0);
+        // A reservation map after the other blocks without a (0, 0) terminator: the blob is
+        // 40 + 16 + 16 = 72 bytes; the map appended at 72 holds one entry and runs off the end.
+        let mut b = build(&t, b"");
+        assert_eq!(b.len(), 72);
+        b.extend_from_slice(&[1; 16]);
+        let total = b.len() as u32;
+        b[4..8].copy_from_slice(&total.to_be_bytes());
+        b[16..20].copy_from_slice(&72u32.to_be_bytes());
+        assert_eq!(
+            DeviceTree::from_bytes(&b).unwrap_err(),
+            DtError::MemReserveUnterminated
+        );
+        // With a terminator it opens, and the entry is read.
+        b.extend_from_slice(&[0; 16]);
+        let total = b.len() as u32;
+        b[4..8].copy_from_slice(&total.to_be_bytes());
+        let dt = open(&b);
+        assert_eq!(dt.mem_reserve().count(), 1);
     }
 
     #[test]
@@ -782,16 +939,50 @@ mod tests {
             structure_error(&[Begin(""), Begin("a b"), End, End, Finish]),
             "node name contains invalid characters"
         );
+        // STRINGS is 15 bytes: "compatible" at 0 and its NUL at 10, "reg" at 11 and its NUL at
+        // 14. Every string in it is a valid name, so only the name's first byte is looked at.
+        let name_error = |nameoff| {
+            let blob = build(
+                &tokens(&[Begin(""), Prop(nameoff, b""), End, Finish]),
+                STRINGS,
+            );
+            DeviceTree::from_bytes(&blob).err()
+        };
+        let e = name_error(100).unwrap();
         assert_eq!(
-            structure_error(&[Begin(""), Prop(100, b""), End, Finish]),
-            "property name offset outside the strings block, unterminated or invalid"
+            e,
+            DtError::PropertyName {
+                offset: 8,
+                nameoff: 100,
+                what: "lies outside the strings block"
+            }
         );
-        // Offset 13 is inside "reg": "g" is a valid (if odd) name; offset 15 is the final NUL
-        // (an empty name).
         assert_eq!(
-            structure_error(&[Begin(""), Prop(15, b""), End, Finish]),
-            "property name offset outside the strings block, unterminated or invalid"
+            format!("{e}"),
+            "malformed structure block at offset 0x8: property name at strings-block offset \
+             0x64 lies outside the strings block"
         );
+        assert_eq!(
+            name_error(15),
+            Some(DtError::PropertyName {
+                offset: 8,
+                nameoff: 15,
+                what: "lies outside the strings block"
+            })
+        );
+        // The NULs: empty names, which the specification does not allow.
+        for nameoff in [10, 14] {
+            let e = name_error(nameoff).unwrap();
+            assert_eq!(
+                format!("{e}"),
+                format!(
+                    "malformed structure block at offset 0x8: property name at strings-block \
+                     offset {nameoff:#x} is empty (names have 1 to 31 characters)"
+                )
+            );
+        }
+        // Offset 13 is inside "reg": "g" is a valid (if odd) name.
+        assert_eq!(name_error(13), None);
         // A property whose length runs far past the block.
         let mut t = tokens(&[Begin("")]);
         t.extend_from_slice(&3u32.to_be_bytes());
@@ -1104,13 +1295,42 @@ mod tests {
         assert_eq!(opened(0), Ok(1));
         assert_eq!(opened(16), Ok(1));
         assert_eq!(opened(13), Ok(1), "the tail \"d\" of \"bad\" is a name");
-        let refused = DtError::Structure {
-            offset: 8,
-            what: "property name offset outside the strings block, unterminated or invalid",
+        let refused = |nameoff, what| {
+            Err(DtError::PropertyName {
+                offset: 8,
+                nameoff,
+                what,
+            })
         };
-        assert_eq!(opened(11), Err(refused));
-        assert_eq!(opened(20), Err(refused));
-        assert_eq!(opened(22), Err(refused));
+        assert_eq!(opened(11), refused(11, "contains invalid characters"));
+        assert_eq!(
+            opened(20),
+            refused(20, "is not NUL-terminated inside the strings block")
+        );
+        assert_eq!(opened(22), refused(22, "lies outside the strings block"));
+        assert_eq!(
+            opened(10),
+            refused(10, "is empty (names have 1 to 31 characters)")
+        );
+    }
+
+    #[test]
+    fn blob_cut_inside_its_strings_block() {
+        // What the boot loader hands over when the file was cut 0x20 bytes into its strings
+        // block but the header kept: `totalsize` bytes of which the tail reads as zeros. The
+        // names past the cut are empty strings, so the tree is refused as malformed (before,
+        // it opened and had no memory node).
+        let h = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let mut b = QEMU_VIRT_A53_128M.to_vec();
+        let cut = h(&b, 12) as usize + 0x20;
+        b[cut..].fill(0);
+        match DeviceTree::from_bytes(&b) {
+            Err(DtError::PropertyName { nameoff, what, .. }) => {
+                assert!(nameoff >= 0x20, "{nameoff:#x}");
+                assert_eq!(what, "is empty (names have 1 to 31 characters)");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1297,13 +1517,22 @@ mod tests {
                 "{name}: {e:?}"
             );
         }
+        // The error names the property the phandle was read from.
         let n = dt.find_node("/dangling").unwrap();
+        let e = dt.interrupt_parent(&n).unwrap_err();
         assert_eq!(
-            dt.interrupt_parent(&n).unwrap_err(),
-            DtError::Phandle {
+            e,
+            DtError::PhandleRef {
+                node: Name::new("dangling"),
+                prop: Name::new("interrupt-parent"),
                 phandle: 0x7777,
                 what: "no node has this phandle"
             }
+        );
+        assert_eq!(
+            format!("{e}"),
+            "property `interrupt-parent` of node `dangling`: phandle 0x7777: no node has this \
+             phandle"
         );
         let dt = open(DUPLICATE_PHANDLE);
         assert_eq!(
@@ -1312,6 +1541,27 @@ mod tests {
                 phandle: 0x40,
                 what: "defined by more than one node"
             }
+        );
+        let user = dt.find_node("/user").unwrap();
+        assert_eq!(
+            format!("{}", dt.interrupt_parent(&user).unwrap_err()),
+            "property `interrupt-parent` of node `user`: phandle 0x40: defined by more than one \
+             node"
+        );
+        let ip = user.property("interrupt-parent").unwrap();
+        assert_eq!(
+            dt.phandle_target(&ip, 0x41).unwrap_err(),
+            DtError::PhandleRef {
+                node: Name::new("user"),
+                prop: Name::new("interrupt-parent"),
+                phandle: 0x41,
+                what: "no node has this phandle"
+            }
+        );
+        // A reserved value is named the same way.
+        assert_eq!(
+            dt.phandle_target(&ip, 0),
+            Err(ip.phandle_error(0, "reserved value"))
         );
     }
 

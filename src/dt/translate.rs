@@ -41,6 +41,13 @@ impl Cells {
     /// `#address-cells`/`#size-cells` of `node` (defaults 2/1 when absent, per the spec; they are
     /// not inherited from further up). Values above [`MAX_ADDRESS_CELLS`]/[`MAX_SIZE_CELLS`] or of
     /// the wrong length are errors.
+    ///
+    /// 0 is accepted here: whether it makes sense depends on what the children describe
+    /// (`#size-cells = 0` is right for `/cpus` or an I2C bus, whose children have addresses but
+    /// no sizes; `#address-cells = 0` for an interrupt controller without addressed children).
+    /// The readers that need addresses or sizes refuse it: [`TranslatedRegs`] (addresses),
+    /// [`TranslatedRegs::memory`] (sizes too), [`translate`] (addresses at every level it maps
+    /// through), [`Cells::of_root`] (both, at the root).
     pub fn of(node: &Node<'_>) -> Result<Cells, DtError> {
         let read = |prop: &'static str, default: u32, max: u32| -> Result<u32, DtError> {
             match node.property(prop) {
@@ -63,6 +70,72 @@ impl Cells {
             address: read("#address-cells", Self::DEFAULT.address, MAX_ADDRESS_CELLS)?,
             size: read("#size-cells", Self::DEFAULT.size, MAX_SIZE_CELLS)?,
         })
+    }
+
+    /// The root's cells, which give the width of CPU physical addresses and sizes: each must be
+    /// 1 or 2 (absent means the spec's defaults, 2 and 1). Errors name `/` and the property.
+    pub fn of_root(root: &Node<'_>) -> Result<Cells, DtError> {
+        let read = |prop: &'static str, default: u32, max: u32| -> Result<u32, DtError> {
+            let value = match root.property(prop) {
+                None => default,
+                Some(p) => p.as_u32()?,
+            };
+            if value == 0 {
+                return Err(DtError::ZeroCells {
+                    node: root.short_name(),
+                    prop,
+                    what: "the root's children describe CPU physical addresses and sizes",
+                });
+            }
+            if value > max {
+                return Err(DtError::Cells {
+                    node: root.short_name(),
+                    prop,
+                    value,
+                    max,
+                });
+            }
+            Ok(value)
+        };
+        Ok(Cells {
+            address: read(
+                "#address-cells",
+                Self::DEFAULT.address,
+                MAX_TRANSLATED_ADDRESS_CELLS,
+            )?,
+            size: read("#size-cells", Self::DEFAULT.size, MAX_SIZE_CELLS)?,
+        })
+    }
+
+    /// Refuses `#address-cells = 0` on `bus`, whose children's addresses are being read or
+    /// translated (`what` says which).
+    pub(super) fn require_addresses(
+        &self,
+        bus: &Node<'_>,
+        what: &'static str,
+    ) -> Result<(), DtError> {
+        if self.address == 0 {
+            return Err(DtError::ZeroCells {
+                node: bus.short_name(),
+                prop: "#address-cells",
+                what,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses `#size-cells = 0` on `bus`, whose children's `reg` are read as memory regions:
+    /// without sizes every region would be empty, and an empty reservation is silently no
+    /// reservation at all.
+    pub(super) fn require_sizes(&self, bus: &Node<'_>) -> Result<(), DtError> {
+        if self.size == 0 {
+            return Err(DtError::ZeroCells {
+                node: bus.short_name(),
+                prop: "#size-cells",
+                what: "its children's `reg` are memory regions, which need a size",
+            });
+        }
+        Ok(())
     }
 
     /// Bytes of one (address, size) pair.
@@ -180,6 +253,12 @@ impl<'a> Ranges<'a> {
         {
             return Err(prop.error("cell counts too large for a ranges entry"));
         }
+        if !prop.value.is_empty() && (child.address == 0 || parent_address_cells == 0) {
+            return Err(prop.error(
+                "entries need a child and a parent address, but #address-cells is 0 on this node \
+                 or its parent",
+            ));
+        }
         let entry = (child.address + parent_address_cells + child.size) as usize * 4;
         if !prop.value.is_empty() && (entry == 0 || !prop.value.len().is_multiple_of(entry)) {
             return Err(prop.error("length is not a whole number of (child, parent, size) entries"));
@@ -239,6 +318,9 @@ impl RangesProp {
     }
 }
 
+/// Why `translate` refuses a bus with `#address-cells = 0` on its way.
+const TRANSLATED: &str = "addresses are translated through it";
+
 /// Translates the region `addr .. addr + size`, given in the child address space of the last node
 /// of `bus` (an ancestry chain root → ... → bus), up to the root's address space.
 ///
@@ -275,17 +357,22 @@ pub fn translate(
                 ));
             }
             None => {}
-            Some(p) if p.is_empty() => {}
             Some(p) => {
-                let mut entries = Ranges::new(&p, child_cells, parent_cells.address)?;
-                addr = entries
-                    .find_map(|e| e.translate(addr, size))
-                    .ok_or_else(|| {
-                        untranslatable(
-                            addr,
-                            "not (entirely) inside any entry of a parent bus's ranges",
-                        )
-                    })?;
+                // An address space of 0 cells has no addresses to map to or from, even through
+                // an empty (identity) property.
+                child_cells.require_addresses(&b, TRANSLATED)?;
+                parent_cells.require_addresses(&parent, TRANSLATED)?;
+                if !p.is_empty() {
+                    let mut entries = Ranges::new(&p, child_cells, parent_cells.address)?;
+                    addr = entries
+                        .find_map(|e| e.translate(addr, size))
+                        .ok_or_else(|| {
+                            untranslatable(
+                                addr,
+                                "not (entirely) inside any entry of a parent bus's ranges",
+                            )
+                        })?;
+                }
             }
         }
         level -= 1;
@@ -306,8 +393,25 @@ pub struct TranslatedRegs<'a> {
 
 impl<'a> TranslatedRegs<'a> {
     /// The regions of property `prop` of `node` (`reg`, `alloc-ranges`, ...). Errors if the node
-    /// is the root (no parent bus) or the property does not split into pairs.
+    /// is the root (no parent bus), its parent has `#address-cells = 0` (no addresses to read) or
+    /// the property does not split into pairs.
     pub fn new(node: Node<'a>, prop: Property<'a>, which: RangesProp) -> Result<Self, DtError> {
+        Self::read(node, prop, which, false)
+    }
+
+    /// As [`TranslatedRegs::new`], for a property that describes memory (RAM, reservations,
+    /// `alloc-ranges`): also refuses a parent with `#size-cells = 0`, under which every region
+    /// would read as empty and be skipped as such.
+    pub fn memory(node: Node<'a>, prop: Property<'a>, which: RangesProp) -> Result<Self, DtError> {
+        Self::read(node, prop, which, true)
+    }
+
+    fn read(
+        node: Node<'a>,
+        prop: Property<'a>,
+        which: RangesProp,
+        need_sizes: bool,
+    ) -> Result<Self, DtError> {
         let bus = node.ancestry().pop();
         let parent = bus.last().ok_or_else(|| DtError::NotFound {
             what: "parent bus of node",
@@ -315,6 +419,10 @@ impl<'a> TranslatedRegs<'a> {
         })?;
         let cells = Cells::of(&parent)?;
         cells.check_translatable(&parent)?;
+        cells.require_addresses(&parent, "its children's `reg` hold addresses")?;
+        if need_sizes {
+            cells.require_sizes(&parent)?;
+        }
         let pairs = Pairs::new(&prop, cells)?;
         Ok(TranslatedRegs {
             node,
@@ -609,6 +717,152 @@ mod tests {
                 max: 3
             }
         );
+    }
+
+    /// The `ZeroCells` error about `prop` of `node`.
+    fn zero(node: &str, prop: &'static str, what: &'static str) -> DtError {
+        DtError::ZeroCells {
+            node: Name::new(node),
+            prop,
+            what,
+        }
+    }
+
+    const ROOT_WHAT: &str = "the root's children describe CPU physical addresses and sizes";
+    const ADDRESSES_WHAT: &str = "its children's `reg` hold addresses";
+    const SIZES_WHAT: &str = "its children's `reg` are memory regions, which need a size";
+
+    #[test]
+    fn root_cells_are_one_or_two() {
+        // QEMU virt: root #address-cells = <2>, #size-cells = <2>; Pi 3: 1 and 1.
+        let dt = DeviceTree::from_bytes(QEMU_VIRT_A53_128M).unwrap();
+        assert_eq!(
+            dt.root_cells(),
+            Ok(Cells {
+                address: 2,
+                size: 2
+            })
+        );
+        let dt = DeviceTree::from_bytes(RPI3B_DOWNSTREAM).unwrap();
+        assert_eq!(
+            dt.root_cells(),
+            Ok(Cells {
+                address: 1,
+                size: 1
+            })
+        );
+        for (prop, value, expect) in [
+            (
+                "#address-cells",
+                0,
+                "`#address-cells = 0` in node `/` is not allowed: the root's children describe \
+                 CPU physical addresses and sizes",
+            ),
+            (
+                "#size-cells",
+                0,
+                "`#size-cells = 0` in node `/` is not allowed: the root's children describe CPU \
+                 physical addresses and sizes",
+            ),
+            (
+                "#address-cells",
+                3,
+                "`#address-cells = 3` in node `/` is not supported (at most 2)",
+            ),
+            (
+                "#address-cells",
+                5,
+                "`#address-cells = 5` in node `/` is not supported (at most 2)",
+            ),
+            (
+                "#size-cells",
+                u32::MAX,
+                "`#size-cells = 4294967295` in node `/` is not supported (at most 2)",
+            ),
+        ] {
+            let blob = with_cell(QEMU_VIRT_A53_128M, "/", prop, value);
+            let dt = DeviceTree::from_bytes(&blob).unwrap();
+            let e = dt.root_cells().unwrap_err();
+            assert_eq!(format!("{e}"), expect);
+        }
+        let blob = with_cell(QEMU_VIRT_A53_128M, "/", "#size-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        assert_eq!(dt.root_cells(), Err(zero("/", "#size-cells", ROOT_WHAT)));
+    }
+
+    #[test]
+    fn zero_address_cells_refused_where_addresses_are_read() {
+        // Root #address-cells = 0 under QEMU's tree: pl011@9000000 (reg <0 0x9000000 0 0x1000>)
+        // and memory@40000000 are children of the root, so reading either names `/`.
+        let blob = with_cell(QEMU_VIRT_A53_128M, "/", "#address-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        let e = reg_of(&dt, "/pl011@9000000").unwrap_err();
+        assert_eq!(e, zero("/", "#address-cells", ADDRESSES_WHAT));
+        assert_eq!(
+            format!("{e}"),
+            "`#address-cells = 0` in node `/` is not allowed: its children's `reg` hold addresses"
+        );
+        assert_eq!(
+            dt.memory().next(),
+            Some(Err(zero("/", "#address-cells", ADDRESSES_WHAT)))
+        );
+        // bus-translate: /soc (1/1, ranges to the root) holds uart@7e215040. With /soc at 0
+        // address cells its children's reg cannot be read; with the root at 0 the address read
+        // under /soc cannot be translated into it.
+        let blob = with_cell(BUS_TRANSLATE, "/soc", "#address-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        assert_eq!(
+            reg_of(&dt, "/soc/uart@7e215040"),
+            Err(zero("soc", "#address-cells", ADDRESSES_WHAT))
+        );
+        let blob = with_cell(BUS_TRANSLATE, "/", "#address-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        let e = reg_of(&dt, "/soc/uart@7e215040").unwrap_err();
+        assert_eq!(
+            format!("{e}"),
+            "`#address-cells = 0` in node `/` is not allowed: addresses are translated through it"
+        );
+        // A non-empty `ranges` needs addresses on both sides, whoever parses it.
+        let soc = dt.find_node("/soc").unwrap();
+        let ranges = soc.property("ranges").unwrap();
+        let e = Ranges::new(&ranges, Cells::of(&soc).unwrap(), 0)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e}").starts_with("property `ranges` of node `soc` ("),
+            "{e}"
+        );
+        assert!(
+            format!("{e}").ends_with(
+                "entries need a child and a parent address, but #address-cells is 0 on this node \
+                 or its parent"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_size_cells_refused_for_memory_only() {
+        // Root #size-cells = 0: memory@40000000's reg <0 0x40000000 0 0x8000000> would read as
+        // two empty regions, i.e. no RAM: refused naming the root instead.
+        let blob = with_cell(QEMU_VIRT_A53_128M, "/", "#size-cells", 0);
+        let dt = DeviceTree::from_bytes(&blob).unwrap();
+        let e = dt.memory().next().unwrap().unwrap_err();
+        assert_eq!(e, zero("/", "#size-cells", SIZES_WHAT));
+        assert_eq!(
+            format!("{e}"),
+            "`#size-cells = 0` in node `/` is not allowed: its children's `reg` are memory \
+             regions, which need a size"
+        );
+        // A device's reg is still read (size-less buses such as I2C are legal): pairs of two
+        // address cells and no size.
+        assert_eq!(
+            reg_of(&dt, "/pl011@9000000"),
+            Ok(vec![(0x900_0000, 0), (0x1000, 0)])
+        );
+        // /cpus has #size-cells = <0> in every tree: the CPUs are still found.
+        let dt = DeviceTree::from_bytes(QEMU_VIRT_A53_2G).unwrap();
+        assert_eq!(dt.cpu_count(), Ok(4));
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //!   `#address-cells` of the parent (0 if it has none, as Linux reads it), parent specifier:
 //!   `#interrupt-cells` of the parent).
 //! - `iommu-map` / `msi-map` (+ `-mask`): requester ID ranges to IOMMU StreamIDs and MSI
-//!   controller DeviceIDs, entries of (id-base, phandle, out-base, length).
+//!   controller DeviceIDs, entries of (id-base, phandle, out-base, length). The phandle must name
+//!   an IOMMU (`#iommu-cells = 1`) or an MSI controller (`msi-controller`, `#msi-cells` 1 or
+//!   absent): the one-cell out-base is their specifier.
 //!
 //! Everything is parsed and checked once, in [`HostBridge::from_dt`], into owned values, so the
 //! lookups afterwards cannot fail on malformed input.
@@ -366,7 +368,7 @@ struct MapParent {
 
 impl MapParent {
     fn of(dt: &DeviceTree<'_>, map: &Property<'_>, phandle: u32) -> Result<MapParent, PciError> {
-        let node = dt.node_by_phandle(phandle)?;
+        let node = dt.phandle_target(map, phandle)?;
         if !node.has_property("interrupt-controller") {
             return Err(map
                 .error("an entry's parent is not an interrupt controller (nested maps unsupported)")
@@ -434,6 +436,73 @@ pub struct IdMap {
     pub entries: Vec<IdMapEntry>,
 }
 
+/// Which map an [`IdMap`] is, which decides what its entries' phandles must name.
+#[derive(Clone, Copy)]
+enum IdMapKind {
+    /// `iommu-map`: an IOMMU (`#iommu-cells`), whose specifier is the one-cell output ID.
+    Iommu,
+    /// `msi-map`: an MSI controller (`msi-controller`), whose specifier is the one-cell output ID.
+    Msi,
+}
+
+impl IdMapKind {
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            IdMapKind::Iommu => ("iommu-map", "iommu-map-mask"),
+            IdMapKind::Msi => ("msi-map", "msi-map-mask"),
+        }
+    }
+
+    /// Checks that `target` (phandle `phandle` in `map`) is what the map needs. Entries are
+    /// (id-base, phandle, specifier, length) with a one-cell specifier (the output ID, offset by
+    /// the requester ID), so the target's specifier must be one cell: a target that takes more
+    /// (or none) would shift every following cell of the map.
+    fn check_target(
+        self,
+        map: &Property<'_>,
+        phandle: u32,
+        target: &Node<'_>,
+    ) -> Result<(), PciError> {
+        match self {
+            IdMapKind::Iommu => {
+                let cells = target.property("#iommu-cells").ok_or_else(|| {
+                    map.phandle_error(phandle, "names a node without #iommu-cells: not an IOMMU")
+                })?;
+                if cells.as_u32()? != 1 {
+                    return Err(map
+                        .phandle_error(
+                            phandle,
+                            "names an IOMMU whose #iommu-cells is not 1 (entries are rid-base, \
+                             phandle, one-cell iommu-base, length)",
+                        )
+                        .into());
+                }
+            }
+            IdMapKind::Msi => {
+                if !target.has_property("msi-controller") {
+                    return Err(map
+                        .phandle_error(phandle, "names a node that is not an msi-controller")
+                        .into());
+                }
+                // Older trees' MSI controllers lack `#msi-cells`: the map's one cell is their
+                // specifier all the same.
+                if let Some(cells) = target.property("#msi-cells") {
+                    if cells.as_u32()? != 1 {
+                        return Err(map
+                            .phandle_error(
+                                phandle,
+                                "names an MSI controller whose #msi-cells is not 1 (entries are \
+                                 rid-base, phandle, one-cell msi-base, length)",
+                            )
+                            .into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl IdMap {
     /// The (controller phandle, output ID) for requester ID `id`, from the first entry covering
     /// it after masking; `None` if no entry does.
@@ -448,14 +517,15 @@ impl IdMap {
         })
     }
 
-    /// Reads property `name` (and `mask_name`) of `node`; `Ok(None)` if absent. Every entry's
-    /// phandle must name a node.
+    /// Reads the map `kind` (and its mask) of `node`; `Ok(None)` if absent. Every entry's phandle
+    /// must name a node of the right kind, with a one-cell specifier (see
+    /// `IdMapKind::check_target`); errors name the property and the phandle.
     fn from_dt(
         dt: &DeviceTree<'_>,
         node: &Node<'_>,
-        name: &str,
-        mask_name: &str,
+        kind: IdMapKind,
     ) -> Result<Option<IdMap>, PciError> {
+        let (name, mask_name) = kind.names();
         let Some(p) = node.property(name) else {
             return Ok(None);
         };
@@ -464,25 +534,38 @@ impl IdMap {
             Some(m) => m.as_u32()?,
         };
         let cells: Vec<u32> = p.as_u32s()?.collect();
-        if !cells.len().is_multiple_of(4) {
-            return Err(p
-                .error("not a whole number of (id-base, phandle, out-base, length) entries")
-                .into());
-        }
         let mut entries = Vec::with_capacity(cells.len() / 4);
-        for chunk in cells.chunks_exact(4) {
-            if let [id_base, target, out_base, length] = *chunk {
-                dt.node_by_phandle(target)?;
-                entries.push(IdMapEntry {
-                    id_base,
-                    target,
-                    out_base,
-                    length,
-                });
+        // Entries almost always share one target: check it once.
+        let mut checked = None;
+        let mut rest = cells.as_slice();
+        while !rest.is_empty() {
+            // The target is checked before the entry's length, so that a target with a wider
+            // specifier is reported as such rather than as a map of the wrong length.
+            let target = *rest.get(1).ok_or_else(|| cut_short(&p))?;
+            if checked != Some(target) {
+                let target_node = dt.phandle_target(&p, target)?;
+                kind.check_target(&p, target, &target_node)?;
+                checked = Some(target);
             }
+            let [id_base, _, out_base, length, tail @ ..] = rest else {
+                return Err(cut_short(&p));
+            };
+            entries.push(IdMapEntry {
+                id_base: *id_base,
+                target,
+                out_base: *out_base,
+                length: *length,
+            });
+            rest = tail;
         }
         Ok(Some(IdMap { mask, entries }))
     }
+}
+
+/// The error for an `iommu-map` or `msi-map` whose length is not a whole number of entries.
+fn cut_short(map: &Property<'_>) -> PciError {
+    map.error("not a whole number of (id-base, phandle, out-base, length) entries")
+        .into()
 }
 
 /// A generic ECAM host bridge, from its DT node.
@@ -523,8 +606,8 @@ impl HostBridge {
             ecam,
             windows: windows(node, cells)?,
             interrupt_map: InterruptMap::from_dt(dt, node)?,
-            iommu_map: IdMap::from_dt(dt, node, "iommu-map", "iommu-map-mask")?,
-            msi_map: IdMap::from_dt(dt, node, "msi-map", "msi-map-mask")?,
+            iommu_map: IdMap::from_dt(dt, node, IdMapKind::Iommu)?,
+            msi_map: IdMap::from_dt(dt, node, IdMapKind::Msi)?,
             dma_coherent: node.has_property("dma-coherent"),
         })
     }
@@ -839,8 +922,9 @@ mod tests {
     }
 
     /// A host bridge under /soc (which maps its 0.. to CPU 0x1_0000_0000), beside a GIC (phandle
-    /// 1, no #address-cells), a two-cell controller (4), a nexus that is no controller (2) and an
-    /// IOMMU (3).
+    /// 1, no #address-cells), a two-cell controller (4), a nexus that is no controller (2), an
+    /// IOMMU (3), an IOMMU with two-cell specifiers (5), MSI controllers with #msi-cells = 1
+    /// (6), without #msi-cells (7) and with #msi-cells = 2 (8).
     fn valid_bridge() -> Vec<(&'static str, Vec<u8>)> {
         vec![
             ("compatible", text(COMPATIBLE)),
@@ -901,7 +985,39 @@ mod tests {
                     vec![("phandle", cells(&[2])), ("#interrupt-cells", cells(&[1]))],
                     vec![],
                 ),
-                node("iommu@9050000", vec![("phandle", cells(&[3]))], vec![]),
+                node(
+                    "iommu@9050000",
+                    vec![("phandle", cells(&[3])), ("#iommu-cells", cells(&[1]))],
+                    vec![],
+                ),
+                node(
+                    "iommu@9060000",
+                    vec![("phandle", cells(&[5])), ("#iommu-cells", cells(&[2]))],
+                    vec![],
+                ),
+                node(
+                    "its@8080000",
+                    vec![
+                        ("phandle", cells(&[6])),
+                        ("msi-controller", vec![]),
+                        ("#msi-cells", cells(&[1])),
+                    ],
+                    vec![],
+                ),
+                node(
+                    "its@8090000",
+                    vec![("phandle", cells(&[7])), ("msi-controller", vec![])],
+                    vec![],
+                ),
+                node(
+                    "its@80a0000",
+                    vec![
+                        ("phandle", cells(&[8])),
+                        ("msi-controller", vec![]),
+                        ("#msi-cells", cells(&[2])),
+                    ],
+                    vec![],
+                ),
                 node(
                     "intc@9000000",
                     vec![
@@ -1017,10 +1133,12 @@ mod tests {
             "PCI host bridge: property `interrupt-map` of node `pcie@30000000` (24 bytes): an \
              entry is cut short"
         );
-        assert!(matches!(
-            with("interrupt-map", Some(cells(&[0x800, 0, 0, 1, 9, 10, 1]))),
-            Err(PciError::Dt(DtError::Phandle { phandle: 9, .. }))
-        ));
+        // Phandle errors name the property they were read from.
+        assert_eq!(
+            error_text("interrupt-map", Some(cells(&[0x800, 0, 0, 1, 9, 10, 1]))),
+            "PCI host bridge: property `interrupt-map` of node `pcie@30000000`: phandle 0x9: no \
+             node has this phandle"
+        );
         assert!(error_text("#interrupt-cells", Some(cells(&[2])))
             .ends_with("must be 1 (the INTx pin) on a PCI bus"));
         assert!(error_text("#interrupt-cells", None).ends_with("the node has no #interrupt-cells"));
@@ -1030,10 +1148,16 @@ mod tests {
         );
         assert!(error_text("iommu-map", Some(cells(&[0, 3, 0, 0x100, 5])))
             .ends_with("not a whole number of (id-base, phandle, out-base, length) entries"));
-        assert!(matches!(
-            with("msi-map", Some(cells(&[0, 7, 0, 0x100]))),
-            Err(PciError::Dt(DtError::Phandle { phandle: 7, .. }))
-        ));
+        assert_eq!(
+            error_text("msi-map", Some(cells(&[0, 9, 0, 0x100]))),
+            "PCI host bridge: property `msi-map` of node `pcie@30000000`: phandle 0x9: no node \
+             has this phandle"
+        );
+        assert_eq!(
+            error_text("iommu-map", Some(cells(&[0, 0x9999, 0, 0x100]))),
+            "PCI host bridge: property `iommu-map` of node `pcie@30000000`: phandle 0x9999: no \
+             node has this phandle"
+        );
         for bad in [cells(&[5, 4]), cells(&[0, 0x100]), cells(&[0])] {
             assert!(error_text("bus-range", Some(bad))
                 .ends_with("expected <first last> with first <= last <= 0xff"));
@@ -1073,5 +1197,54 @@ mod tests {
             with("ranges", Some(ragged)),
             Err(PciError::Dt(DtError::Property { .. }))
         ));
+    }
+
+    #[test]
+    fn id_map_targets_must_be_of_their_kind() {
+        // QEMU's own maps name its SMMUv3 (#iommu-cells = <1>) and GICv3 ITS (msi-controller,
+        // #msi-cells = <1>).
+        assert!(bridge_of(QEMU_VIRT_GICV3_SMMUV3).is_ok());
+        let msg = |name, v: &[u32]| error_text(name, Some(cells(v)));
+        // A node that is no IOMMU (the nexus, 2; the bridge itself in the integration test).
+        assert_eq!(
+            msg("iommu-map", &[0, 2, 0, 0x100]),
+            "PCI host bridge: property `iommu-map` of node `pcie@30000000`: phandle 0x2: names a \
+             node without #iommu-cells: not an IOMMU"
+        );
+        // The second entry's target is checked too.
+        assert_eq!(
+            msg("iommu-map", &[0, 3, 0, 0x100, 0x100, 2, 0, 0x100]),
+            msg("iommu-map", &[0, 2, 0, 0x100])
+        );
+        // An IOMMU with two-cell specifiers, written with its two cells: refused for its cell
+        // count, not for the map's length.
+        assert_eq!(
+            msg("iommu-map", &[0, 5, 0, 0, 0x100]),
+            "PCI host bridge: property `iommu-map` of node `pcie@30000000`: phandle 0x5: names an \
+             IOMMU whose #iommu-cells is not 1 (entries are rid-base, phandle, one-cell \
+             iommu-base, length)"
+        );
+        // An IOMMU is no MSI controller.
+        assert_eq!(
+            msg("msi-map", &[0, 3, 0, 0x100]),
+            "PCI host bridge: property `msi-map` of node `pcie@30000000`: phandle 0x3: names a \
+             node that is not an msi-controller"
+        );
+        assert_eq!(
+            msg("msi-map", &[0, 8, 0, 0x100]),
+            "PCI host bridge: property `msi-map` of node `pcie@30000000`: phandle 0x8: names an \
+             MSI controller whose #msi-cells is not 1 (entries are rid-base, phandle, one-cell \
+             msi-base, length)"
+        );
+        // MSI controllers with #msi-cells = 1 or without it: DeviceID = requester ID - base +
+        // out-base, per entry.
+        let host = with(
+            "msi-map",
+            Some(rows(&[&[0, 6, 0x40, 0x100], &[0x100, 7, 0, 0x10]])),
+        )
+        .unwrap();
+        assert_eq!(host.msi_device_id(0x10), Some((6, 0x50)));
+        assert_eq!(host.msi_device_id(0x105), Some((7, 5)));
+        assert_eq!(host.msi_device_id(0x110), None);
     }
 }

@@ -224,7 +224,7 @@ impl CmaSetup {
         let Some(phandle) = prop.as_u32s()?.next() else {
             return Err(prop.error("empty phandle list"));
         };
-        let pool = dt.node_by_phandle(phandle).map_err(|_| prop.error("its first phandle names no node"))?;
+        let pool = dt.phandle_target(&prop, phandle)?;
         Ok(self.areas.iter().position(|a| a.node == Some(pool.offset())))
     }
 
