@@ -72,7 +72,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Bootargs this kernel understands; others are reported and ignored.
-pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask", "dma.remap", "coherent_pool", "dma_debug", "stress"];
+pub const KNOWN_BOOTARGS: &[&str] = &["ktest.filter", "crash", "cma", "cma.report", "bench", "swiotlb", "dma.noncoherent", "edu.dma_mask", "dma.remap", "coherent_pool", "dma_debug", "stress", "iommu.strict", "iommu.passthrough"];
 
 /// The kernel heap's size: bookkeeping only (DMA buffers never come from it).
 const HEAP_SIZE: u64 = 4 << 20;
@@ -219,6 +219,9 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         Ok(dt) => dt,
         Err(e) => boot_error(format_args!("device tree at {dtb:#x}: {e}")),
     };
+    if let Err(e) = dt.root_cells() {
+        boot_error(format_args!("device tree at {dtb:#x}: {e}"));
+    }
     let console = match find_console(&dt) {
         Ok(c) => c,
         Err(e) => boot_error(format_args!("/chosen/stdout-path: {e}")),
@@ -295,6 +298,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
     memmap.seal();
     crate::dma::remap::init(&dt, &bootargs, &memmap, crate::dma::bounce::platform_dma_limit(&dt).0);
     crate::dma::debug::init(bootargs.get("dma_debug"));
+    crate::dma::iommu::init(&bootargs);
     crate::iommu::smmuv3::init(&dt);
 
     println!("memory map:");

@@ -31,3 +31,5 @@ pub mod smp;
 #[cfg(target_os = "none")]
 pub mod stress;
 pub mod ktest;
+#[cfg(test)]
+mod concurrency_tests;

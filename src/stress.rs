@@ -10,12 +10,15 @@
 //!   bounces), with partial syncs; the test plays the device on the bus side (reads what the
 //!   device would read, writes what it would write) and checks what the CPU sees after the sync
 //!   or the unmap, byte for byte;
-//! - transfers through QEMU's `edu` DMA engine (a real bus master), one CPU at a time, when the
-//!   machine has one.
+//! - the same streaming and coherent work for a device behind the SMMU (dma-iommu, a domain on
+//!   an unused StreamID), when the machine has one, the device's view read through its domain's
+//!   page table as the SMMU would;
+//! - transfers through QEMU's `edu` DMA engine (a real bus master, itself behind the SMMU when
+//!   there is one), one CPU at a time, when the machine has one.
 //!
 //! At the end every counter must be back at its value before the run: pages free in the page
-//! allocator, CMA pages used, swiotlb slots used, vmap areas, atomic-pool pages, and dma-debug's
-//! live mappings and coherent buffers. The suite `stress` reports the operation count and the
+//! allocator, CMA pages used, swiotlb slots used, vmap areas, atomic-pool pages, IOVA space in
+//! use, and dma-debug's live mappings and coherent buffers. The suite `stress` reports the operation count and the
 //! time, and fails on any data mismatch, DMA error or leaked resource.
 
 use alloc::format;
@@ -29,7 +32,7 @@ use crate::dma::api::{DmaAttrs, SgEntry};
 use crate::dma::bounce::platform_pool;
 use crate::dma::busmap::{BusMap, DmaAddr, Window};
 use crate::dma::maint::Direction;
-use crate::dma::{Device, GfpFlags};
+use crate::dma::{Backend, Device, GfpFlags};
 use crate::drivers::edu::{configured_mask, Edu, EduDir, BUF_LEN};
 use crate::mm::addr::PhysAddr;
 use crate::smp::MAX_CPUS;
@@ -76,6 +79,8 @@ struct Devices {
     coherent: Device,
     noncoherent: Device,
     bounce: Option<Device>,
+    /// Behind the SMMU, when the machine has one (a domain on an unused StreamID).
+    iommu: Option<Device>,
 }
 
 static DEVICES: spin::Once<Devices> = spin::Once::new();
@@ -128,14 +133,45 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(seed) as u8 ^ (i >> 7) as u8).collect()
 }
 
-/// The bytes at the device's side of a mapping: the memory behind bus address `dma`.
+/// The physical address a device's access to `dma` reaches: through its bus map (dma-direct) or
+/// its IOMMU domain's page table (dma-iommu), as the hardware would translate it.
+fn device_phys(dev: &Device, dma: u64) -> Option<PhysAddr> {
+    match dev.backend() {
+        Backend::Direct => dev.bus_map().bus_to_phys(DmaAddr(dma), 1),
+        Backend::Iommu(d) => d.domain().translate(dma).map(|t| t.pa),
+    }
+}
+
+/// Plays the device: `f` on each run of bytes the device reaches at `dma .. dma + len`, page by
+/// page (an IOVA range may map scattered pages), with the offset into the range.
 ///
 /// # Safety
-/// `dma .. dma + len` is a live mapping of `dev`, identity-mapped RAM the test may access.
-unsafe fn bus_side<'a>(dev: &Device, dma: DmaAddr, len: usize) -> Option<&'a mut [u8]> {
-    let phys = dev.bus_map().bus_to_phys(dma, len as u64)?;
-    // SAFETY: the caller's contract.
-    Some(unsafe { core::slice::from_raw_parts_mut(phys.0 as usize as *mut u8, len) })
+/// `dma .. dma + len` is a live mapping of `dev` onto identity-mapped RAM the test may access.
+unsafe fn device_access(dev: &Device, dma: DmaAddr, len: usize, mut f: impl FnMut(usize, &mut [u8])) -> Result<(), String> {
+    let mut done = 0;
+    while done < len {
+        let at = dma.0 + done as u64;
+        let chunk = ((crate::mm::addr::PAGE_SIZE - at % crate::mm::addr::PAGE_SIZE) as usize).min(len - done);
+        let phys = device_phys(dev, at).ok_or_else(|| format!("{dev}: {at:#x} reaches no memory"))?;
+        // SAFETY: the caller's contract; `chunk` stays inside one page of the mapping.
+        f(done, unsafe { core::slice::from_raw_parts_mut(phys.0 as usize as *mut u8, chunk) });
+        done += chunk;
+    }
+    Ok(())
+}
+
+/// What the device reads at `dma .. dma + len`.
+fn device_read(dev: &Device, dma: DmaAddr, len: usize) -> Result<Vec<u8>, String> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: called on live mappings only (see the callers).
+    unsafe { device_access(dev, dma, len, |_, b| v.extend_from_slice(b)) }?;
+    Ok(v)
+}
+
+/// The device writes `data` at `dma`.
+fn device_write(dev: &Device, dma: DmaAddr, data: &[u8]) -> Result<(), String> {
+    // SAFETY: called on live from-device or bidirectional mappings only (see the callers).
+    unsafe { device_access(dev, dma, data.len(), |off, b| b.copy_from_slice(&data[off..off + b.len()])) }
 }
 
 fn coherent_op(dev: &Device, rng: &mut Rng) -> Result<(), String> {
@@ -150,10 +186,9 @@ fn coherent_op(dev: &Device, rng: &mut Rng) -> Result<(), String> {
     let data = pattern(rng.next(), size as usize);
     let dma = buf.dma_addr();
     buf.as_mut_slice().ok_or("no CPU pointer")?.copy_from_slice(&data);
-    // SAFETY: the buffer is live and its pages are RAM; its linear alias reads memory (QEMU has no
-    // caches, so the uncached CPU view and the device's view agree).
-    let seen = unsafe { bus_side(dev, dma, size as usize) }.ok_or("coherent buffer off the bus map")?;
-    if seen != &data[..] {
+    // QEMU has no caches, so the CPU's uncached view and the device's view of memory agree.
+    let seen = device_read(dev, dma, size as usize)?;
+    if seen != data {
         return Err(format!("{dev}: coherent buffer at {dma}: the device does not see what the CPU wrote"));
     }
     buf.free().map_err(|e| format!("{dev}: coherent free: {e}"))
@@ -173,14 +208,12 @@ fn streaming_op(dev: &Device, rng: &mut Rng) -> Result<(), String> {
     backing[off..].copy_from_slice(&cpu_data);
     let phys = PhysAddr(backing[off..].as_ptr() as u64);
     let dma = dev.map_phys(phys, len as u64, dir, DmaAttrs::NONE).map_err(|e| format!("{dev}: map {dir} of {len} bytes: {e}"))?;
-    // SAFETY: live mapping of `len` bytes of RAM (the buffer or a bounce slot).
-    let device_view = unsafe { bus_side(dev, dma, len) }.ok_or("mapping off the bus map")?;
-    if dir != Direction::FromDevice && device_view != &cpu_data[..] {
+    if dir != Direction::FromDevice && device_read(dev, dma, len)? != cpu_data {
         return Err(format!("{dev}: {dir} map of {len} bytes at {dma}: the device does not see the CPU's data"));
     }
     let dev_data = pattern(rng.next(), len);
     if dir != Direction::ToDevice {
-        device_view.copy_from_slice(&dev_data);
+        device_write(dev, dma, &dev_data)?;
         // A partial sync first: the CPU sees that part, then the unmap gives it the rest.
         let part = rng.below(len as u64) as usize;
         if part > 0 {
@@ -210,9 +243,7 @@ fn sg_op(dev: &Device, rng: &mut Rng) -> Result<(), String> {
     dev.map_sg(&mut sg, Direction::ToDevice, DmaAttrs::NONE).map_err(|e| format!("{dev}: map_sg of {n}: {e}"))?;
     for (e, want) in sg.iter().zip(&expect) {
         let dma = e.dma.ok_or("segment left unmapped")?;
-        // SAFETY: a live segment mapping.
-        let seen = unsafe { bus_side(dev, dma, want.len()) }.ok_or("segment off the bus map")?;
-        if seen != &want[..] {
+        if device_read(dev, dma, want.len())? != *want {
             return Err(format!("{dev}: scatter-gather segment at {dma}: the device does not see the CPU's data"));
         }
     }
@@ -246,16 +277,24 @@ fn one_op(devs: &Devices, rng: &mut Rng, n: u64) -> Result<(), String> {
     if n % 512 == 511 {
         return edu_op(rng);
     }
-    // Streaming work on any of the three; coherent work on the two that reach RAM.
-    let dev = match rng.below(3) {
+    // Streaming work on any of them; coherent work on those that reach RAM.
+    let dev = match rng.below(4) {
         0 => &devs.coherent,
         1 => &devs.noncoherent,
-        _ => devs.bounce.as_ref().unwrap_or(&devs.noncoherent),
+        2 => devs.bounce.as_ref().unwrap_or(&devs.noncoherent),
+        _ => devs.iommu.as_ref().unwrap_or(&devs.coherent),
     };
     match rng.below(4) {
         0 | 1 => streaming_op(dev, rng),
         2 => sg_op(dev, rng),
-        _ => coherent_op(if rng.below(2) == 0 { &devs.coherent } else { &devs.noncoherent }, rng),
+        _ => coherent_op(
+            match rng.below(3) {
+                0 => &devs.coherent,
+                1 => &devs.noncoherent,
+                _ => devs.iommu.as_ref().unwrap_or(&devs.coherent),
+            },
+            rng,
+        ),
     }
 }
 
@@ -287,21 +326,43 @@ fn worker(cpu: usize) {
 /// The counters that must come back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Counters {
+    /// Pages free in the page allocator, plus those IOMMU domains hold as page tables: a domain
+    /// keeps its emptied tables for the next mapping (they go with the domain), so a run may
+    /// leave a domain with more table pages than before, which is not a leak.
     free_pages: u64,
     cma_used: u64,
     swiotlb_used: u32,
     vmap_areas: u64,
     pool_used: u64,
+    /// IOVA pages handed out in the stress device's domain (after its flush queue is emptied).
+    iova_pages: u64,
     debug_live: (usize, usize),
+}
+
+/// Page-table pages of the IOMMU domains the run uses: the PCI functions' and the stress
+/// device's.
+fn io_table_pages() -> u64 {
+    let mut domains = crate::drivers::pci::ecam::iommu_domains();
+    if let Some(Backend::Iommu(d)) = DEVICES.get().and_then(|d| d.iommu.as_ref()).map(|d| d.backend()) {
+        domains.push(d);
+    }
+    domains.iter().map(|d| d.domain().table_pages() as u64).sum()
 }
 
 fn counters() -> Counters {
     Counters {
-        free_pages: crate::mm::phys::stats().map_or(0, |s| s.free_pages),
+        free_pages: crate::mm::phys::stats().map_or(0, |s| s.free_pages) + io_table_pages(),
         cma_used: crate::mm::cma::setup::default_area().map_or(0, |a| a.stats().used_pages),
         swiotlb_used: platform_pool().map_or(0, |p| p.stats().used),
         vmap_areas: crate::mm::vmap::stats().map_or(0, |s| s.areas),
         pool_used: crate::dma::pool::stats().map_or(0, |s| s.used_pages),
+        iova_pages: DEVICES.get().and_then(|d| d.iommu.as_ref()).map_or(0, |dev| match dev.backend() {
+            Backend::Iommu(d) => {
+                let _ = d.flush();
+                d.iova().stats().allocated_pages
+            }
+            Backend::Direct => 0,
+        }),
         debug_live: crate::dma::debug::live(None),
     }
 }
@@ -316,10 +377,16 @@ fn setup() -> Devices {
             *EDU.lock() = Some(e);
         }
     }
+    let iommu = crate::iommu::smmuv3::smmus().first().and_then(|&smmu| {
+        // Devfn 31.5 of the root bus: no function of the test machines uses it.
+        let d = crate::dma::iommu::attach(smmu, 0xfd).ok()?;
+        Some(Device::with_bus("stress-iommu", BusMap::IDENTITY, true).with_iommu(d))
+    });
     Devices {
         coherent: Device::with_bus("stress-coherent", BusMap::IDENTITY, true),
         noncoherent: Device::with_bus("stress-noncoherent", BusMap::IDENTITY, false),
         bounce,
+        iommu,
     }
 }
 

@@ -7,32 +7,10 @@
 //! reach RAM at 1 GiB: the kernel must refuse the mask and the mapping.
 
 mod common;
-use common::{boot, dtb, path_str, root, Boot};
+use common::{boot, check_disk, disk, dtb, path_str, Boot};
 use std::path::PathBuf;
 
 const SUITES: &str = "ktest.filter=dma_api,dma_remap,dma_debug,virtio,virtio_pci";
-const MIB: usize = 1 << 20;
-
-/// What the image holds at `pos` before the run (src/drivers/virtio_pci/test_image.rs `image_byte`).
-fn image_byte(pos: u64) -> u8 {
-    let sector = pos / 512;
-    ((sector.wrapping_mul(31) ^ (pos % 512).wrapping_mul(7)) as u8) ^ 0x5a
-}
-
-/// What the kernel writes at `pos` of the second MiB (src/drivers/virtio_pci/test_image.rs
-/// `written_byte`).
-fn written_byte(pos: u64) -> u8 {
-    ((pos.wrapping_mul(13) >> 3) as u8) ^ 0xa5
-}
-
-fn disk(name: &str) -> PathBuf {
-    let dir = root().join("target/dma-disks");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.img"));
-    let img: Vec<u8> = (0..2 * MIB as u64).map(image_byte).collect();
-    std::fs::write(&path, img).unwrap();
-    path
-}
 
 fn machine(arch: &str) -> &'static [&'static str] {
     match arch {
@@ -45,7 +23,7 @@ fn machine(arch: &str) -> &'static [&'static str] {
 /// negotiates VIRTIO_F_ACCESS_PLATFORM (`iommu_platform=on`); returns both disk images.
 fn run(arch: &str, name: &str, append: &str, edu_mask: &str) -> (Boot, [PathBuf; 2]) {
     let base = format!("{arch}-{}", name.replace(['=', '.', ' '], "_"));
-    let (img, pci_img) = (disk(&base), disk(&format!("{base}-pci")));
+    let (img, pci_img) = (disk("dma-disks", &base), disk("dma-disks", &format!("{base}-pci")));
     let append = format!("{append} {SUITES} edu.dma_mask={edu_mask}");
     let drive = format!("file={},if=none,format=raw,id=d0", path_str(&img));
     let pci_drive = format!("file={},if=none,format=raw,id=d1", path_str(&pci_img));
@@ -55,16 +33,6 @@ fn run(arch: &str, name: &str, append: &str, edu_mask: &str) -> (Boot, [PathBuf;
     opts.extend_from_slice(&["-device", &edu, "-drive", &drive, "-device", "virtio-blk-device,drive=d0", "-device", "virtio-rng-device"]);
     opts.extend_from_slice(&["-drive", &pci_drive, "-device", "virtio-blk-pci,drive=d1,disable-legacy=on,iommu_platform=on"]);
     (boot(&format!("{arch} {name}"), arch, &opts), [img, pci_img])
-}
-
-fn check_disk(b: &Boot, img: &PathBuf) {
-    let data = std::fs::read(img).unwrap();
-    for (i, v) in data[..MIB].iter().enumerate() {
-        assert_eq!(*v, image_byte(i as u64), "[{}] first MiB changed at {i:#x}", b.name);
-    }
-    for (i, v) in data[MIB..2 * MIB].iter().enumerate() {
-        assert_eq!(*v, written_byte(i as u64), "[{}] the kernel's write is wrong at {:#x}", b.name, MIB + i);
-    }
 }
 
 fn full(arch: &str, name: &str, append: &str) {
@@ -221,7 +189,7 @@ fn armv7_edu_default_mask() {
 /// must lie in that pool (the buffers it shares and its virtqueues), and the disk checks still
 /// pass.
 fn restricted_pool(arch: &str, dts: &str) {
-    let img = disk(&format!("{arch}-restricted"));
+    let img = disk("dma-disks", &format!("{arch}-restricted"));
     let d = dtb(dts);
     let drive = format!("file={},if=none,format=raw,id=d0", path_str(&img));
     let append = format!("{SUITES} edu.dma_mask=0xffffffff");

@@ -3,12 +3,16 @@
 //!
 //! - `NAME`;
 //! - `cpu::{mpidr, midr, exception_level_name, running_level_name, wait_forever,
-//!   undefined_instruction}`;
+//!   undefined_instruction}`; for SMP `cpu::{index, set_index}` (the kernel's CPU number in a
+//!   per-CPU register), `cpu::{send_event, wait_for_event}` and `cpu::secondary_entry` (where
+//!   PSCI starts a secondary: `secondary_entry` in the boot assembly);
 //! - `counter::{read, frequency}`: the generic timer's physical count;
 //! - `cache::{line_size, clean, invalidate, clean_invalidate}` over virtual address ranges (to the
-//!   point of coherency), `cache::{dsb, isb}`;
+//!   point of coherency), `cache::{dsb, isb}`, and `cache::zero_pages` (whole pages of Normal
+//!   memory, the fastest way the architecture has);
 //! - `mmu::{KERNEL_TABLES, enable, switch, enabled, CpuTlb}`: the translation regime the generic
-//!   `mm::kmap` builds its tables for, and the CPU's TLB maintenance;
+//!   `mm::kmap` builds its tables for, and the CPU's TLB maintenance (broadcast to every CPU);
+//!   `mmu::secondary_regs`: the registers a secondary loads to join that regime;
 //! - `probe::{read_u64, write_u64, Fault}`: accesses that may fault, for tests;
 //! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly);
 //! - `semihosting::exit`: returns only when no semihosting host answered the trap.

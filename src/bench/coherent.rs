@@ -13,6 +13,10 @@
 //! `free_mean`, in ns with the PMU counter's reads subtracted; under `--icount` a nanosecond is
 //! an instruction. Targets (aarch64 virt, 1 page): `direct` at most 600, `remap` (window) at most
 //! 2,500, `atomic` at most 300; 16 pages `direct` at most 3,000.
+//!
+//! `pages_alloc_free_1` measures the page allocator alone in the same way: the single page a
+//! 32-bit device's one-page buffer takes (`mm::phys::alloc_pages_exact(1, Some(4 GiB))`, its page
+//! cache's path) and its free.
 
 use alloc::vec::Vec;
 
@@ -40,11 +44,7 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
         Kind::Atomic => (Device::with_bus("bench-atomic", BusMap::IDENTITY, false), GfpFlags::ATOMIC),
     };
     let c = Cycles::start();
-    let mut ovh = Vec::with_capacity(1024);
-    for _ in 0..1024 {
-        ovh.push(c.timed(|| ()).1);
-    }
-    let ovh = stats(&ovh).mean_milli;
+    let ovh = read_overhead(&c);
     let n = (4096 / pages).clamp(32, 1024) as usize;
     let (mut alloc, mut free, mut pair) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
@@ -61,11 +61,7 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
         free.push(tf);
         pair.push(ta + tf);
     }
-    let (a, f, p) = (stats(&alloc), stats(&free), stats(&pair));
-    rec.result("pair_mean", ns(&c, p.mean_milli, 2 * ovh), "ns");
-    rec.result("pair_stddev", ns(&c, p.stddev * 1000, 0), "ns");
-    rec.result("alloc_mean", ns(&c, a.mean_milli, ovh), "ns");
-    rec.result("free_mean", ns(&c, f.mean_milli, ovh), "ns");
+    report(rec, &c, ovh, &alloc, &free, &pair);
     rec.note(format_args!(
         "{n} allocation+free pairs of {pages} page(s){}; {} counter, its reads ({} counts) subtracted",
         match kind {
@@ -75,6 +71,55 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
         if c.is_pmu() { "PMU cycle" } else { "generic timer" },
         ovh / 1000,
     ));
+}
+
+/// See the module documentation.
+pub fn pages_alloc_free_1(rec: &Recorder) {
+    use crate::mm::addr::PhysAddr;
+    use crate::mm::phys::{alloc_pages_exact, free_pages_exact};
+    let limit = Some(PhysAddr(crate::dma::DEFAULT_MASK + 1));
+    let c = Cycles::start();
+    let ovh = read_overhead(&c);
+    let n = 1024;
+    let (mut alloc, mut free, mut pair) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let (r, ta) = c.timed(|| alloc_pages_exact(1, limit));
+        let page = match r {
+            Ok(p) => p,
+            Err(e) => return rec.note(format_args!("allocation refused: {e}")),
+        };
+        let (r, tf) = c.timed(|| free_pages_exact(page, 1));
+        if let Err(e) = r {
+            return rec.note(format_args!("free refused: {e}"));
+        }
+        alloc.push(ta);
+        free.push(tf);
+        pair.push(ta + tf);
+    }
+    report(rec, &c, ovh, &alloc, &free, &pair);
+    rec.note(format_args!(
+        "{n} allocation+free pairs of 1 page below 4 GiB; {} counter, its reads ({} counts) subtracted",
+        if c.is_pmu() { "PMU cycle" } else { "generic timer" },
+        ovh / 1000,
+    ));
+}
+
+/// The mean cost of the counter's two reads around an operation, in thousandths of a count.
+fn read_overhead(c: &Cycles) -> u64 {
+    let mut ovh = Vec::with_capacity(1024);
+    for _ in 0..1024 {
+        ovh.push(c.timed(|| ()).1);
+    }
+    stats(&ovh).mean_milli
+}
+
+/// Prints the four results of the `alloc`, `free` and `pair` samples (in counts) net of `ovh`.
+fn report(rec: &Recorder, c: &Cycles, ovh: u64, alloc: &[u64], free: &[u64], pair: &[u64]) {
+    let (a, f, p) = (stats(alloc), stats(free), stats(pair));
+    rec.result("pair_mean", ns(c, p.mean_milli, 2 * ovh), "ns");
+    rec.result("pair_stddev", ns(c, p.stddev * 1000, 0), "ns");
+    rec.result("alloc_mean", ns(c, a.mean_milli, ovh), "ns");
+    rec.result("free_mean", ns(c, f.mean_milli, ovh), "ns");
 }
 
 macro_rules! entry {

@@ -43,6 +43,7 @@ pub static BENCHES: &[Bench] = &[
     Bench { name: "coherent_atomic_1", run: coherent::atomic_1 },
     Bench { name: "coherent_atomic_16", run: coherent::atomic_16 },
     Bench { name: "coherent_atomic_256", run: coherent::atomic_256 },
+    Bench { name: "pages_alloc_free_1", run: coherent::pages_alloc_free_1 },
     Bench { name: "dma_map_direct_coherent_4k", run: dma::direct_coherent_4k },
     Bench { name: "dma_map_direct_coherent_64k", run: dma::direct_coherent_64k },
     Bench { name: "dma_map_direct_coherent_1m", run: dma::direct_coherent_1m },
@@ -55,6 +56,12 @@ pub static BENCHES: &[Bench] = &[
     Bench { name: "dma_map_swiotlb_64k", run: dma::swiotlb_64k },
     Bench { name: "dma_map_swiotlb_1m", run: dma::swiotlb_1m },
     Bench { name: "dma_map_swiotlb_4m", run: dma::swiotlb_4m },
+    Bench { name: "dma_map_iommu_strict_4k", run: dma::iommu_strict_4k },
+    Bench { name: "dma_map_iommu_strict_64k", run: dma::iommu_strict_64k },
+    Bench { name: "dma_map_iommu_strict_1m", run: dma::iommu_strict_1m },
+    Bench { name: "dma_map_iommu_lazy_4k", run: dma::iommu_lazy_4k },
+    Bench { name: "dma_map_iommu_lazy_1m", run: dma::iommu_lazy_1m },
+    Bench { name: "iova_alloc_free", run: dma::iova_alloc_free },
 ];
 
 /// Runs the benchmarks whose name matches one of the comma-separated globs in `selection`

@@ -92,6 +92,10 @@ pub enum DmaError {
     Remap(crate::mm::vmap::VmapError),
     /// dma-debug refused a misuse of the API (and reported it).
     Debug(super::debug_track::ReportKind),
+    /// The device's IOVA space has no room below its mask, or refused a free.
+    Iova(crate::iommu::iova::IovaError),
+    /// The IOMMU's page tables or command queue refused the change (reported when it happened).
+    IoTables,
 }
 
 impl fmt::Display for DmaError {
@@ -119,6 +123,8 @@ impl fmt::Display for DmaError {
             DmaError::Pool(e) => write!(f, "atomic pool: {e}"),
             DmaError::Remap(e) => write!(f, "remapping: {e}"),
             DmaError::Debug(kind) => write!(f, "refused by dma-debug: {kind:?}"),
+            DmaError::Iova(e) => write!(f, "IOVA: {e}"),
+            DmaError::IoTables => f.write_str("the IOMMU refused the mapping change (see the report above)"),
         }
     }
 }
@@ -200,6 +206,9 @@ pub enum CoherentMem {
     Pool { pool: &'static BouncePool, phys: PhysAddr, bytes: u64 },
     /// Pages of the atomic pool ([`super::pool`]).
     AtomicPool(super::pool::PoolBuffer),
+    /// Single pages from the page allocator, in the order the device sees them (dma-iommu maps
+    /// them contiguously in IOVA space).
+    Scattered(alloc::vec::Vec<PhysAddr>),
 }
 
 impl CoherentRaw {
@@ -223,6 +232,7 @@ impl CoherentMem {
             CoherentMem::Pages(p) => p.phys,
             CoherentMem::Pool { phys, .. } => *phys,
             CoherentMem::AtomicPool(b) => b.phys,
+            CoherentMem::Scattered(l) => l.first().copied().unwrap_or(PhysAddr(0)),
         }
     }
 }
@@ -235,6 +245,7 @@ impl PartialEq for CoherentMem {
                 core::ptr::eq(*p, *q) && a == b && m == n
             }
             (CoherentMem::AtomicPool(a), CoherentMem::AtomicPool(b)) => a == b,
+            (CoherentMem::Scattered(a), CoherentMem::Scattered(b)) => a == b,
             _ => false,
         }
     }
@@ -326,7 +337,7 @@ mod kernel {
     use super::*;
     use crate::dma::debug;
     use crate::dma::debug_track::{Caller, MapKind};
-    use crate::dma::{direct, Backend, GfpFlags};
+    use crate::dma::{direct, iommu, Backend, GfpFlags};
     use crate::println;
     use alloc::collections::BTreeMap;
     use core::panic::Location;
@@ -348,6 +359,7 @@ mod kernel {
         pub fn alloc_coherent(&self, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<DmaCoherent<'_>, DmaError> {
             let raw = match self.backend() {
                 Backend::Direct => direct::alloc(self, size, gfp, attrs)?,
+                Backend::Iommu(d) => iommu::alloc(self, d, size, gfp, attrs)?,
             };
             let buf = DmaCoherent { dev: self, raw: Some(raw) };
             if debug::enabled() {
@@ -361,6 +373,7 @@ mod kernel {
         fn map_as(&self, phys: PhysAddr, size: u64, dir: Direction, attrs: DmaAttrs, kind: MapKind, checked: bool, caller: Caller) -> Result<DmaAddr, DmaError> {
             let dma = match self.backend() {
                 Backend::Direct => direct::map(self, phys, size, dir, attrs)?,
+                Backend::Iommu(d) => iommu::map(self, d, phys, size, dir, attrs)?,
             };
             if debug::enabled() {
                 debug::mapped(self, phys, dma, size, dir, kind, checked, caller);
@@ -375,6 +388,7 @@ mod kernel {
             }
             match self.backend() {
                 Backend::Direct => direct::unmap(self, dma, size, dir, attrs),
+                Backend::Iommu(d) => iommu::unmap(self, d, dma, size, dir, attrs),
             }
         }
 
@@ -464,6 +478,7 @@ mod kernel {
                     drop(live);
                     match self.backend() {
                         Backend::Direct => direct::free(self, raw),
+                        Backend::Iommu(d) => iommu::free(self, d, raw),
                     }
                 }
             }
@@ -489,6 +504,7 @@ mod kernel {
             }
             match self.backend() {
                 Backend::Direct => direct::sync_for_cpu(self, dma, size, dir),
+                Backend::Iommu(d) => iommu::sync_for_cpu(self, d, dma, size, dir),
             }
         }
 
@@ -501,6 +517,7 @@ mod kernel {
             }
             match self.backend() {
                 Backend::Direct => direct::sync_for_device(self, dma, size, dir)?,
+                Backend::Iommu(d) => iommu::sync_for_device(self, d, dma, size, dir)?,
             }
             if debug::enabled() {
                 debug::synced_for_device(self, dma, Location::caller());
@@ -521,6 +538,17 @@ mod kernel {
         #[track_caller]
         pub fn map_sg(&self, sg: &mut [SgEntry], dir: Direction, attrs: DmaAttrs) -> Result<usize, DmaError> {
             let caller = Location::caller();
+            if let Backend::Iommu(d) = self.backend() {
+                let merged = iommu::map_sg(self, d, sg, dir, attrs)?;
+                if debug::enabled() {
+                    for e in sg.iter() {
+                        if let Some(dma) = e.dma {
+                            debug::mapped(self, e.phys, dma, e.len, dir, MapKind::Sg, true, caller);
+                        }
+                    }
+                }
+                return Ok(merged);
+            }
             for i in 0..sg.len() {
                 match self.map_as(sg[i].phys, sg[i].len, dir, attrs, MapKind::Sg, true, caller) {
                     Ok(d) => sg[i].dma = Some(d),
@@ -538,6 +566,16 @@ mod kernel {
         #[track_caller]
         pub fn unmap_sg(&self, sg: &mut [SgEntry], dir: Direction, attrs: DmaAttrs) -> Result<(), DmaError> {
             let caller = Location::caller();
+            if let Backend::Iommu(d) = self.backend() {
+                if debug::enabled() {
+                    for e in sg.iter() {
+                        if let Some(dma) = e.dma {
+                            debug::unmapping(self, dma, e.len, dir, MapKind::Sg, caller)?;
+                        }
+                    }
+                }
+                return iommu::unmap_sg(self, d, sg, dir, attrs);
+            }
             let mut first = Ok(());
             for e in sg.iter_mut() {
                 if let Some(d) = e.dma.take() {
@@ -567,6 +605,7 @@ mod kernel {
         pub fn set_mask(&mut self, mask: u64) -> Result<(), DmaError> {
             match self.backend() {
                 Backend::Direct => direct::mask_supported(self, mask)?,
+                Backend::Iommu(d) => iommu::mask_supported(d, mask)?,
             }
             self.store_mask(mask);
             Ok(())
@@ -576,6 +615,7 @@ mod kernel {
         pub fn set_coherent_mask(&mut self, mask: u64) -> Result<(), DmaError> {
             match self.backend() {
                 Backend::Direct => direct::mask_supported(self, mask)?,
+                Backend::Iommu(d) => iommu::mask_supported(d, mask)?,
             }
             self.store_coherent_mask(mask);
             Ok(())
@@ -605,6 +645,7 @@ mod kernel {
                 None => Ok(()),
                 Some(raw) => match self.dev.backend() {
                     Backend::Direct => direct::free(self.dev, raw),
+                    Backend::Iommu(d) => iommu::free(self.dev, d, raw),
                 },
             }
         }

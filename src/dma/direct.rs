@@ -70,8 +70,10 @@ mod kernel {
         }
     }
 
+    /// The CPU's (linear-map) address of `phys .. phys + size`, or an error where the CPU cannot
+    /// address it (above 4 GiB on armv7).
     #[inline(always)]
-    fn va(phys: PhysAddr, size: u64) -> Result<usize, DmaError> {
+    pub fn va(phys: PhysAddr, size: u64) -> Result<usize, DmaError> {
         usize::try_from(phys.0)
             .ok()
             .filter(|v| usize::try_from(size).is_ok_and(|s| v.checked_add(s).is_some()))
@@ -250,16 +252,19 @@ mod kernel {
     /// their device address; cleaned and invalidated from the caches for a non-coherent device.
     #[inline(always)]
     pub fn alloc_pages(dev: &Device, size: u64, gfp: GfpFlags) -> Result<(ContiguousPages, DmaAddr), DmaError> {
-        let mut below = *dev;
+        // The device is copied (with a lower limit) only for a retry: a `Device` is large enough
+        // for the copy to cost more than the rest of a one-page allocation.
+        let mut below: Option<Device> = None;
         loop {
-            let pages = dma_alloc_contiguous(&below, size, gfp).map_err(DmaError::NoMemory)?;
+            let pages = dma_alloc_contiguous(below.as_ref().unwrap_or(dev), size, gfp).map_err(DmaError::NoMemory)?;
             let bytes = pages.count * PAGE_SIZE;
             let reach = within_mask(dev.bus_map(), dev.coherent_mask(), pages.phys, bytes);
             match (reach, va(pages.phys, bytes)) {
                 (Some(dma), Ok(cpu)) => {
-                    // SAFETY: `bytes` of RAM just allocated for this buffer alone, mapped at
-                    // their physical address by the linear map (checked addressable above).
-                    unsafe { core::ptr::write_bytes(cpu as *mut u8, 0, bytes as usize) };
+                    // SAFETY: whole pages of RAM just allocated for this buffer alone, mapped
+                    // writable Normal memory at their physical address by the linear map
+                    // (checked addressable above).
+                    unsafe { crate::arch::cache::zero_pages(cpu, bytes as usize) };
                     prep_coherent(dev, cpu, bytes);
                     return Ok((pages, dma));
                 }
@@ -271,7 +276,7 @@ mod kernel {
                         let count = size.div_ceil(PAGE_SIZE);
                         return Err(DmaError::NoMemory(ContiguousError::NoMemory { count, limit: 0, blocking: gfp.can_block() }));
                     }
-                    below = below.below(low.0);
+                    below = Some(below.unwrap_or(*dev).below(low.0));
                 }
             }
         }

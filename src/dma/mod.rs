@@ -4,7 +4,7 @@
 //! ([`contiguous`]).
 //!
 //! Which back end serves a device is its [`Backend`], Linux's `dev->dma_ops` as an enum: dma-direct
-//! now; dma-iommu and dma-remap add variants with their issues. A `match` rather than a table of
+//! (with dma-remap for the coherent buffers of non-coherent devices, as in Linux) or dma-iommu. A `match` rather than a table of
 //! function pointers keeps dma-direct's fast path inlinable, as Linux's `dma_map_direct()` check
 //! does.
 
@@ -18,6 +18,7 @@ pub mod contiguous;
 pub mod debug;
 pub mod debug_track;
 pub mod direct;
+pub mod iommu;
 pub mod maint;
 pub mod pool;
 pub mod remap;
@@ -28,6 +29,8 @@ mod ktests;
 mod remap_ktests;
 #[cfg(target_os = "none")]
 mod debug_ktests;
+#[cfg(target_os = "none")]
+mod iommu_ktests;
 
 use core::fmt;
 use core::ops::BitOr;
@@ -59,11 +62,28 @@ pub const fn mask_bits(bits: u32) -> u64 {
 }
 
 /// Which DMA back end serves a device (Linux's `dev->dma_ops`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum Backend {
     /// No IOMMU: the device sees physical memory through its bus map ([`direct`]).
     Direct,
+    /// Behind an IOMMU: the device sees the IOVAs of its domain ([`iommu`]).
+    #[cfg(target_os = "none")]
+    Iommu(&'static iommu::IommuDomain),
 }
+
+impl PartialEq for Backend {
+    fn eq(&self, other: &Backend) -> bool {
+        match (self, other) {
+            (Backend::Direct, Backend::Direct) => true,
+            #[cfg(target_os = "none")]
+            (Backend::Iommu(a), Backend::Iommu(b)) => core::ptr::eq(*a, *b),
+            #[cfg(target_os = "none")]
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Backend {}
 
 /// A device as the DMA layer sees it: its name, its streaming and coherent DMA masks, the map from
 /// CPU physical to bus addresses its buses impose, whether it snoops the CPU caches, the CMA area
@@ -132,6 +152,12 @@ impl Device {
     /// too, and from nowhere else.
     pub fn with_bounce_pool(self, pool: &'static BouncePool) -> Device {
         Device { pool: Some(pool), ..self }
+    }
+
+    /// The same device behind an IOMMU: its DMA goes through `domain` (dma-iommu).
+    #[cfg(target_os = "none")]
+    pub fn with_iommu(self, domain: &'static iommu::IommuDomain) -> Device {
+        Device { backend: Backend::Iommu(domain), ..self }
     }
 
     /// The same device, treated as not cache-coherent when `coherent` is false.

@@ -5,9 +5,9 @@
 //! 256 KiB); exhaustion is an error value, never a wait.
 //!
 //! [`PoolPages`] is the allocator: first fit over a bitmap of the pool's pages, with a hint where
-//! the last search ended, so the usual one-page allocation reads one or two words. Callers that
-//! ask for several pages get a naturally aligned run when one is free (what `gen_pool` gives
-//! Linux's pool), else any run.
+//! the last search ended, so the usual one-page allocation reads one or two words; searches,
+//! checks and updates go a 64-page word at a time. Callers that ask for several pages get a
+//! naturally aligned run when one is free (what `gen_pool` gives Linux's pool), else any run.
 
 use core::fmt;
 
@@ -82,35 +82,55 @@ impl PoolPages {
         v[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
-    fn set(v: &mut [u64], i: u64, on: bool) {
-        let w = &mut v[(i / 64) as usize];
-        if on {
-            *w |= 1 << (i % 64);
-        } else {
-            *w &= !(1 << (i % 64));
-        }
-    }
-
-    /// The first free page at or after `from`, if any.
-    fn next_free(&self, from: u64) -> Option<u64> {
+    /// The first bit of `v` in [from, end) that is set (`want`) or clear, if any; a word at a
+    /// time.
+    #[inline(always)]
+    fn first_bit(v: &[u64], from: u64, end: u64, want: bool) -> Option<u64> {
         let mut i = from;
-        while i < self.pages {
-            let word = self.used[(i / 64) as usize] | ((1u64 << (i % 64)) - 1);
-            if word != u64::MAX {
-                let found = (i & !63) + u64::from(word.trailing_ones());
-                return (found < self.pages).then_some(found);
+        while i < end {
+            let word = if want { v[(i / 64) as usize] } else { !v[(i / 64) as usize] };
+            let hits = word & (!0u64 << (i % 64));
+            let next = (i | 63) + 1;
+            if hits != 0 {
+                let found = (i & !63) + u64::from(hits.trailing_zeros());
+                return (found < end).then_some(found);
             }
-            i = (i & !63) + 64;
+            i = next;
         }
         None
     }
 
+    /// Sets (`on`) or clears the bits [first, first + n) of `v`, a word at a time.
+    #[inline(always)]
+    fn fill(v: &mut [u64], first: u64, n: u64, on: bool) {
+        let (mut i, end) = (first, first + n);
+        while i < end {
+            let lo = i % 64;
+            let hi = (lo + (end - i)).min(64);
+            let mask = (!0u64 >> (64 - (hi - lo))) << lo;
+            let w = &mut v[(i / 64) as usize];
+            if on {
+                *w |= mask;
+            } else {
+                *w &= !mask;
+            }
+            i += hi - lo;
+        }
+    }
+
+    /// The first free page at or after `from`, if any.
+    #[inline(always)]
+    fn next_free(&self, from: u64) -> Option<u64> {
+        Self::first_bit(&self.used, from, self.pages, false)
+    }
+
     /// Whether `[first, first + n)` is inside the pool and free.
     fn run_free(&self, first: u64, n: u64) -> bool {
-        first.checked_add(n).is_some_and(|end| end <= self.pages) && (first..first + n).all(|i| !Self::bit(&self.used, i))
+        first.checked_add(n).is_some_and(|end| end <= self.pages) && Self::first_bit(&self.used, first, first + n, true).is_none()
     }
 
     /// First fit of `n` pages from `from`, aligned to `align` pages.
+    #[inline(always)]
     fn search(&self, from: u64, n: u64, align: u64) -> Option<u64> {
         let mut at = self.next_free(from)?;
         loop {
@@ -118,7 +138,7 @@ impl PoolPages {
             if at.checked_add(n)? > self.pages {
                 return None;
             }
-            match (at..at + n).find(|&i| Self::bit(&self.used, i)) {
+            match Self::first_bit(&self.used, at, at + n, true) {
                 None => return Some(at),
                 Some(busy) => at = self.next_free(busy)?,
             }
@@ -132,17 +152,18 @@ impl PoolPages {
             self.stats.failures += 1;
             return Err(PoolError::BadSize { pages: n });
         }
-        let align = if n.is_power_of_two() { n } else { 1 };
-        let hint = if n == 1 { self.hint } else { 0 };
-        let found = [align, 1].iter().find_map(|&a| self.search(hint, n, a).or_else(|| self.search(0, n, a)));
+        let found = if n == 1 {
+            self.next_free(self.hint).or_else(|| self.next_free(0))
+        } else {
+            let align = if n.is_power_of_two() { n } else { 1 };
+            [align, 1].iter().find_map(|&a| self.search(0, n, a))
+        };
         let Some(first) = found else {
             self.stats.failures += 1;
             return Err(PoolError::Exhausted { pages: n });
         };
-        for i in first..first + n {
-            Self::set(&mut self.used, i, true);
-        }
-        Self::set(&mut self.starts, first, true);
+        Self::fill(&mut self.used, first, n, true);
+        Self::fill(&mut self.starts, first, 1, true);
         self.hint = first + n;
         self.stats.used_pages += n;
         self.stats.peak_used_pages = self.stats.peak_used_pages.max(self.stats.used_pages);
@@ -158,16 +179,14 @@ impl PoolPages {
         // The run must start at `first`, be in use throughout, and end where the next run starts
         // or at a free page.
         let whole = Self::bit(&self.starts, first)
-            && (first..end).all(|i| Self::bit(&self.used, i))
-            && (first + 1..end).all(|i| !Self::bit(&self.starts, i))
+            && Self::first_bit(&self.used, first, end, false).is_none()
+            && Self::first_bit(&self.starts, first + 1, end, true).is_none()
             && (end == self.pages || !Self::bit(&self.used, end) || Self::bit(&self.starts, end));
         if !whole {
             return Err(bad);
         }
-        for i in first..end {
-            Self::set(&mut self.used, i, false);
-        }
-        Self::set(&mut self.starts, first, false);
+        Self::fill(&mut self.used, first, n, false);
+        Self::fill(&mut self.starts, first, 1, false);
         self.stats.used_pages -= n;
         self.stats.frees += 1;
         if first < self.hint {
@@ -241,9 +260,9 @@ mod kernel {
             let _ = pool.pages.lock().free(first, n);
             return Err(DmaError::PoolUnreachable { pool: pool.phys, mask: dev.coherent_mask() });
         };
-        // SAFETY: the pool's pages from `first` on, just allocated for this buffer alone, mapped
-        // read-write (uncached) at `buf.cpu` for the kernel's lifetime.
-        unsafe { core::ptr::write_bytes(buf.cpu as *mut u8, 0, buf.bytes as usize) };
+        // SAFETY: whole pages of the pool from `first` on, just allocated for this buffer alone,
+        // mapped read-write as Normal non-cacheable memory at `buf.cpu` for the kernel's lifetime.
+        unsafe { crate::arch::cache::zero_pages(buf.cpu, buf.bytes as usize) };
         Ok((buf, dma))
     }
 

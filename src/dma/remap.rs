@@ -140,7 +140,7 @@ mod kernel {
         };
         match pool::init(bytes, pool_limit) {
             Ok((phys, size)) => println!("dma-remap: atomic pool {} KiB at {phys}", size >> 10),
-            Err(e) => println!("dma-remap: {e}"),
+            Err(e) => println!("dma-remap: no atomic pool of {} (coherent_pool=): {e}", crate::mm::memmap::HumanSize(bytes)),
         }
         if strategy == Strategy::InPlace {
             if let Some(reg) = crate::mm::cma::setup::registry() {
@@ -220,9 +220,9 @@ mod kernel {
             return give_back(DmaError::Remap(vmap::VmapError::NotPageMapped { phys: phys.0, bytes }));
         }
         let cpu = phys.0 as usize;
-        // SAFETY: `bytes` of CMA just allocated for this buffer alone, mapped cacheable at their
-        // physical address by the linear map.
-        unsafe { core::ptr::write_bytes(cpu as *mut u8, 0, bytes as usize) };
+        // SAFETY: whole pages of CMA just allocated for this buffer alone, mapped writable and
+        // cacheable at their physical address by the linear map.
+        unsafe { crate::arch::cache::zero_pages(cpu, bytes as usize) };
         crate::arch::cache::clean_invalidate(cpu, bytes as usize);
         // The area `dma_alloc_from_contiguous` took them from, for the free.
         let Some(area) = dev.cma_area().or_else(crate::mm::cma::setup::default_area) else {
@@ -262,6 +262,8 @@ mod kernel {
             (_, CoherentMem::Pages(pages)) => dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free),
             (_, CoherentMem::Pool { pool, phys, bytes }) => pool.free(phys, bytes),
             (_, CoherentMem::AtomicPool(buf)) => pool::free(buf),
+            // dma-iommu's; never made by dma-direct.
+            (_, CoherentMem::Scattered(_)) => Err(DmaError::Free),
         }
     }
 

@@ -400,6 +400,13 @@ pub fn unmap(va: u64, size: u64) -> Result<u64, KmapError> {
     with_tables(|pt| pt.unmap(va, size, &mut arch::mmu::CpuTlb)).map(|r| r.unmapped)
 }
 
+/// Like [`unmap`], but keeps the page tables the range leaves empty (see
+/// [`PageTable::unmap_keep_tables`]): for the vmap window, whose ranges are mapped again and again.
+/// Returns the bytes that were mapped.
+pub fn unmap_keep_tables(va: u64, size: u64) -> Result<u64, KmapError> {
+    with_tables(|pt| pt.unmap_keep_tables(va, size, &mut arch::mmu::CpuTlb)).map(|r| r.unmapped)
+}
+
 /// Gives `[va, va + size)` new attributes, break-before-make, with TLB invalidation on every CPU.
 /// Every page of the range must be mapped.
 pub fn set_attributes(va: u64, size: u64, attr: MemAttr, perms: Perms) -> Result<(), KmapError> {

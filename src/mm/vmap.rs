@@ -12,6 +12,18 @@
 //! window's pages: areas are aligned to their power-of-two size, so a large physically aligned
 //! buffer gets block mappings. Every area is followed by one unmapped guard page, so a CPU
 //! overrun faults instead of reaching the next area.
+//!
+//! Small areas (up to 63 pages, see [`SLOT_ORDERS`]) take a whole power-of-two block, guard page
+//! included, and a freed block waits in a short per-order list for the next area of its size, as
+//! Linux's vmap blocks serve small mappings: the usual DMA buffer then costs a push and a pop
+//! instead of a buddy split and merge. The buddy allocator's checks are not needed for these
+//! frees: a [`VmapArea`] is made only here and cannot be copied, so the one given back is live and
+//! owned by the caller. When the buddy allocator has no room for an area, the lists give their
+//! blocks back and the request is tried again, so they never make a request fail.
+//!
+//! Unmapping keeps the page tables of the window (`kmap::unmap_keep_tables`), as Linux keeps those
+//! of the vmalloc area: the next mapping in the same 2 MiB needs no table page, and a 1 GiB window
+//! holds at most about 2 MiB of them.
 
 /// Where the window goes: the highest `size`-byte range, aligned to `align` (a power of two), that
 /// ends at or below `limit` and overlaps none of the `occupied` `(base, end)` ranges. `None` if
@@ -33,6 +45,104 @@ pub fn place_window(limit: u64, size: u64, align: u64, occupied: &[(u64, u64)]) 
 }
 
 use core::fmt;
+
+use crate::mm::addr::PhysAddr;
+use crate::mm::buddy::{AllocError, BuddyAllocator, FreeError};
+
+/// Small areas take a block of 2^k pages, k < `SLOT_ORDERS`, guard page included: up to 63 pages
+/// of buffer (see the module documentation).
+pub const SLOT_ORDERS: usize = 7;
+
+/// Freed blocks kept per order for reuse.
+pub const SLOTS_PER_ORDER: usize = 8;
+
+/// The virtual space of the window, in pages: the buddy allocator over it and the per-order lists
+/// of freed small blocks in front of it (see the module documentation). Addresses are handed out
+/// as `PhysAddr`, the buddy allocator's type, though they are virtual.
+pub struct WindowSpace<'m> {
+    space: BuddyAllocator<'m>,
+    /// Free blocks of order k (2^k pages, aligned) at `slots[k][..slot_count[k]]`, allocated as
+    /// far as `space` knows.
+    slots: [[PhysAddr; SLOTS_PER_ORDER]; SLOT_ORDERS],
+    slot_count: [usize; SLOT_ORDERS],
+}
+
+/// The order of the block a small area of `span` pages (guard included) takes; `None` for a large
+/// one, which takes exactly its pages.
+#[inline(always)]
+fn slot_order(span: u64) -> Option<usize> {
+    let order = span.checked_next_power_of_two()?.trailing_zeros() as usize;
+    (order < SLOT_ORDERS).then_some(order)
+}
+
+impl<'m> WindowSpace<'m> {
+    /// The space `space` manages (its free ranges added), with empty lists.
+    pub fn new(space: BuddyAllocator<'m>) -> Self {
+        WindowSpace { space, slots: [[PhysAddr(0); SLOTS_PER_ORDER]; SLOT_ORDERS], slot_count: [0; SLOT_ORDERS] }
+    }
+
+    /// Space for an area of `span` pages, guard included: a small one gets a whole block of the
+    /// next power of two, from the list of that order if it has one; a large one exactly its
+    /// pages (aligned to the next power of two, as `BuddyAllocator::alloc_pages`). When the buddy
+    /// allocator runs out, the lists give their blocks back and it is asked again.
+    #[inline(always)]
+    pub fn take(&mut self, span: u64) -> Result<PhysAddr, AllocError> {
+        match self.take_once(span) {
+            Err(AllocError::OutOfMemory { .. }) if self.slot_count.iter().any(|&n| n > 0) => {
+                self.flush();
+                self.take_once(span)
+            }
+            r => r,
+        }
+    }
+
+    #[inline(always)]
+    fn take_once(&mut self, span: u64) -> Result<PhysAddr, AllocError> {
+        match slot_order(span) {
+            Some(k) if self.slot_count[k] > 0 => {
+                self.slot_count[k] -= 1;
+                Ok(self.slots[k][self.slot_count[k]])
+            }
+            Some(k) => self.space.alloc(k as u32),
+            None => self.space.alloc_pages(span),
+        }
+    }
+
+    /// Gives back the space of a live area of `span` pages at `va`, which `take(span)` returned.
+    /// A small block goes on its list unchecked (the caller vouches for it: see the module
+    /// documentation), or to the buddy allocator when the list is full; a large one to the buddy
+    /// allocator, with its checks.
+    #[inline(always)]
+    pub fn give(&mut self, va: PhysAddr, span: u64) -> Result<(), FreeError> {
+        match slot_order(span) {
+            Some(k) if self.slot_count[k] < SLOTS_PER_ORDER => {
+                self.slots[k][self.slot_count[k]] = va;
+                self.slot_count[k] += 1;
+                Ok(())
+            }
+            Some(k) => self.space.free(va, k as u32),
+            None => self.space.free_pages(va, span),
+        }
+    }
+
+    /// Gives every listed block back to the buddy allocator.
+    fn flush(&mut self) {
+        for k in 0..SLOT_ORDERS {
+            for &block in &self.slots[k][..self.slot_count[k]] {
+                // A listed block is allocated as far as the buddy allocator knows.
+                let r = self.space.free(block, k as u32);
+                debug_assert!(r.is_ok(), "listed block {block} refused: {r:?}");
+            }
+            self.slot_count[k] = 0;
+        }
+    }
+
+    /// Free pages: the buddy allocator's and the listed blocks'.
+    pub fn free_pages(&self) -> u64 {
+        let listed: u64 = self.slot_count.iter().enumerate().map(|(k, &n)| (n as u64) << k).sum();
+        self.space.stats().free_pages + listed
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmapError {
@@ -88,7 +198,7 @@ pub use kernel::*;
 
 #[cfg(target_os = "none")]
 mod kernel {
-    use super::place_window;
+    use super::{place_window, WindowSpace};
     use crate::arch;
     use crate::dt::DeviceTree;
     use crate::mm::addr::{PhysAddr, PAGE_SIZE};
@@ -108,7 +218,7 @@ mod kernel {
     struct Window {
         base: u64,
         size: u64,
-        space: BuddyAllocator<'static>,
+        space: WindowSpace<'static>,
         areas: u64,
     }
 
@@ -126,7 +236,8 @@ mod kernel {
     pub struct VmapStats {
         pub base: u64,
         pub size: u64,
-        /// Pages taken by live areas, their guard pages included.
+        /// Pages taken by live areas: their guard pages included, and for a small area the rest
+        /// of its power-of-two block.
         pub used_pages: u64,
         pub areas: u64,
     }
@@ -163,7 +274,7 @@ mod kernel {
         let meta: &'static mut [u64] = alloc::vec![0u64; words].leak();
         let mut space = BuddyAllocator::new(PhysAddr(base), pages, meta).map_err(|_| VmapError::NoWindow)?;
         space.add_free_range(PhysAddr(base), pages).map_err(|_| VmapError::NoWindow)?;
-        WINDOW.call_once(|| Mutex::new(Window { base, size, space, areas: 0 }));
+        WINDOW.call_once(|| Mutex::new(Window { base, size, space: WindowSpace::new(space), areas: 0 }));
         Ok((base, size))
     }
 
@@ -176,7 +287,7 @@ mod kernel {
     fn take_space(pages: u64) -> Result<usize, VmapError> {
         let span = pages.checked_add(1).ok_or(VmapError::BadSize { pages })?;
         let mut w = window()?.lock();
-        let va = w.space.alloc_pages(span).map_err(|e| match e {
+        let va = w.space.take(span).map_err(|e| match e {
             AllocError::OutOfMemory { .. } => VmapError::NoSpace { pages: span },
             _ => VmapError::BadSize { pages },
         })?;
@@ -184,10 +295,12 @@ mod kernel {
         Ok(va.0 as usize)
     }
 
+    /// Gives back the space of a live area (see the module documentation for why a small one
+    /// needs no check).
     #[inline(always)]
     fn give_space(va: usize, pages: u64) -> Result<(), VmapError> {
         let mut w = window()?.lock();
-        w.space.free_pages(PhysAddr(va as u64), pages + 1).map_err(|e| match e {
+        w.space.give(PhysAddr(va as u64), pages + 1).map_err(|e| match e {
             FreeError::DoubleFree { .. } | FreeError::NotManaged { .. } | FreeError::OutOfSpan { .. } | FreeError::Misaligned { .. } => {
                 VmapError::NotAnArea { va, pages }
             }
@@ -221,7 +334,7 @@ mod kernel {
         for (i, &pa) in list.iter().enumerate() {
             let at = va as u64 + i as u64 * PAGE_SIZE;
             if let Err(e) = kmap::map_dynamic(at, pa, PAGE_SIZE, attr, Perms::RW) {
-                kmap::unmap(va as u64, i as u64 * PAGE_SIZE)?;
+                kmap::unmap_keep_tables(va as u64, i as u64 * PAGE_SIZE)?;
                 give_space(va, pages)?;
                 return Err(e.into());
             }
@@ -241,14 +354,14 @@ mod kernel {
                 return Err(VmapError::NotAnArea { va: area.va, pages: area.pages });
             }
         }
-        kmap::unmap(area.va as u64, area.pages * PAGE_SIZE)?;
+        kmap::unmap_keep_tables(area.va as u64, area.pages * PAGE_SIZE)?;
         give_space(area.va, area.pages)
     }
 
     /// Where the window is and how much of it is in use; `None` before [`init`].
     pub fn stats() -> Option<VmapStats> {
         let w = WINDOW.get()?.lock();
-        let free = w.space.stats().free_pages;
+        let free = w.space.free_pages();
         Some(VmapStats { base: w.base, size: w.size, used_pages: w.size / PAGE_SIZE - free, areas: w.areas })
     }
 
@@ -261,9 +374,115 @@ mod kernel {
     }
 }
 
+#[cfg(target_os = "none")]
+mod ktests {
+    use super::*;
+    use crate::arch::probe::read_u64;
+    use crate::ktest::TestResult;
+    use crate::mm::addr::{PhysAddr, PAGE_SIZE};
+    use crate::mm::pgtable::MemAttr;
+    use crate::mm::phys::{alloc_pages, free_pages};
+    use crate::{kassert, kassert_eq, ktry};
+
+    /// A small area's space serves the next area of its size at once; what the CPU reads there is
+    /// the new page, not a stale translation of the old one; once unmapped, the address faults;
+    /// the counters come back.
+    fn freed_space_is_reused_without_stale_translations() -> TestResult {
+        let before = ktry!(stats().ok_or("no vmap window"));
+        let pages = ktry!(alloc_pages(1));
+        let (a, b) = (pages, PhysAddr(pages.0 + PAGE_SIZE));
+        // SAFETY: two pages just allocated for this test alone, mapped writable at their physical
+        // address by the linear map; the window maps them cacheable too, so no maintenance.
+        unsafe {
+            (a.0 as *mut u64).write_volatile(0xaaaa_0000_aaaa_0000);
+            (b.0 as *mut u64).write_volatile(0xbbbb_0000_bbbb_0000);
+        }
+        let r = (|| -> TestResult {
+            let first = ktry!(vmap_contiguous(a, 1, MemAttr::Normal));
+            let va = first.addr();
+            kassert_eq!(read_u64(va).ok(), Some(0xaaaa_0000_aaaa_0000));
+            ktry!(vunmap(first));
+            let gone = read_u64(va);
+            kassert!(matches!(gone, Err(ref f) if f.is_translation()), "{va:#x} after vunmap: {gone:?}");
+            let second = ktry!(vmap_contiguous(b, 1, MemAttr::Normal));
+            kassert_eq!(second.addr(), va, "the freed space was not used again");
+            let seen = read_u64(va);
+            ktry!(vunmap(second));
+            kassert_eq!(seen.ok(), Some(0xbbbb_0000_bbbb_0000), "stale translation at {va:#x}");
+            Ok(())
+        })();
+        ktry!(free_pages(pages, 1));
+        r?;
+        let after = ktry!(stats().ok_or("no vmap window"));
+        kassert_eq!((after.areas, after.used_pages), (before.areas, before.used_pages));
+        Ok(())
+    }
+
+    crate::ktest_suite!("vmap", [freed_space_is_reused_without_stale_translations]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mm::addr::PAGE_SIZE;
+
+    /// A window space of `pages` pages at 1 GiB, all free.
+    fn space(pages: u64) -> WindowSpace<'static> {
+        let base = PhysAddr(GIB);
+        let meta = vec![!0u64; crate::mm::buddy::metadata_words(base, pages).unwrap()].leak();
+        let mut b = BuddyAllocator::new(base, pages, meta).unwrap();
+        b.add_free_range(base, pages).unwrap();
+        WindowSpace::new(b)
+    }
+
+    fn page(n: u64) -> PhysAddr {
+        PhysAddr(GIB + n * PAGE_SIZE)
+    }
+
+    #[test]
+    fn small_areas_take_whole_blocks_and_reuse_them() {
+        let mut w = space(256);
+        // One page and its guard: the top 2-page block.
+        let a = w.take(2).unwrap();
+        assert_eq!((a, w.free_pages()), (page(254), 254));
+        w.give(a, 2).unwrap();
+        assert_eq!(w.free_pages(), 256);
+        // Listed, so the next area of its size gets it back at once.
+        assert_eq!(w.take(2), Ok(a));
+        // Three pages take a 4-page block; 63 pages a 64-page block.
+        let b = w.take(3).unwrap();
+        assert_eq!((b.as_u64() % (4 * PAGE_SIZE), w.free_pages()), (0, 256 - 2 - 4));
+        let c = w.take(63).unwrap();
+        assert_eq!((c.as_u64() % (64 * PAGE_SIZE), w.free_pages()), (0, 256 - 2 - 4 - 64));
+        // A large area takes exactly its pages, aligned to the next power of two, and its free is
+        // checked by the buddy allocator.
+        w.give(c, 63).unwrap();
+        let d = w.take(65).unwrap();
+        assert_eq!((d, w.free_pages()), (page(0), 256 - 2 - 4 - 65));
+        w.give(d, 65).unwrap();
+        assert_eq!(w.give(d, 65), Err(FreeError::DoubleFree { addr: d, pages: 65 }));
+        w.give(b, 3).unwrap();
+        w.give(a, 2).unwrap();
+        assert_eq!(w.free_pages(), 256);
+    }
+
+    #[test]
+    fn full_lists_and_exhaustion_go_to_the_buddy_allocator() {
+        let mut w = space(64);
+        let blocks: Vec<PhysAddr> = (0..32).map(|_| w.take(2).unwrap()).collect();
+        assert_eq!(w.take(2), Err(AllocError::OutOfMemory { order: 1, limit: None }));
+        // 8 blocks listed, the other 24 back in the buddy allocator (so they merge).
+        for &a in &blocks {
+            w.give(a, 2).unwrap();
+        }
+        assert_eq!(w.free_pages(), 64);
+        // The whole space in one area: only with the listed blocks given back first.
+        assert_eq!(w.take(64), Ok(page(0)));
+        assert_eq!(w.free_pages(), 0);
+        assert_eq!(w.take(2), Err(AllocError::OutOfMemory { order: 1, limit: None }));
+        w.give(page(0), 64).unwrap();
+        assert_eq!(w.take(64), Ok(page(0)));
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

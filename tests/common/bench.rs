@@ -37,6 +37,9 @@ pub struct Config {
 const AARCH64_VIRT: &[&str] = &["--cpu", "cortex-a57", "--mem", "1G"];
 // PCI needs `highmem=off` on armv7 (README, Supported machines); the test matrix boots the same.
 const ARMV7_VIRT: &[&str] = &["--cpu", "cortex-a15", "--mem", "1G", "--", "-M", "virt,highmem=off"];
+/// The same machines with QEMU's SMMUv3 in front of PCIe, for the dma-iommu benchmarks.
+const AARCH64_SMMU: &[&str] = &["--cpu", "cortex-a57", "--mem", "1G", "--", "-M", "virt,iommu=smmuv3"];
+const ARMV7_SMMU: &[&str] = &["--cpu", "cortex-a15", "--mem", "1G", "--", "-M", "virt,highmem=off,iommu=smmuv3"];
 
 /// Every configuration, in table order. The first is the machine the targets are stated for.
 pub const CONFIGS: &[Config] = &[
@@ -57,6 +60,14 @@ pub const CONFIGS: &[Config] = &[
         what: "the same, dma-remap in place",
     },
     Config {
+        name: "aarch64-smmu",
+        arch: "aarch64",
+        machine: AARCH64_SMMU,
+        bootargs: "",
+        benches: "dma_map_iommu_*,iova_*",
+        what: "the same, with the SMMUv3 (iommu=smmuv3)",
+    },
+    Config {
         name: "armv7",
         arch: "armv7",
         machine: ARMV7_VIRT,
@@ -71,6 +82,14 @@ pub const CONFIGS: &[Config] = &[
         bootargs: "dma.remap=inplace",
         benches: "coherent_remap_*",
         what: "the same, dma-remap in place",
+    },
+    Config {
+        name: "armv7-smmu",
+        arch: "armv7",
+        machine: ARMV7_SMMU,
+        bootargs: "",
+        benches: "dma_map_iommu_*,iova_*",
+        what: "the same, with the SMMUv3 (iommu=smmuv3)",
     },
 ];
 

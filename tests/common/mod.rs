@@ -158,6 +158,41 @@ fn with_dma_debug(opts: &[&str]) -> Vec<String> {
     v
 }
 
+/// What a test disk holds at `pos` before a run (src/drivers/virtio_pci/test_image.rs
+/// `image_byte`).
+pub fn image_byte(pos: u64) -> u8 {
+    let sector = pos / 512;
+    ((sector.wrapping_mul(31) ^ (pos % 512).wrapping_mul(7)) as u8) ^ 0x5a
+}
+
+/// What the kernel's virtio suites write at `pos` of the second MiB
+/// (src/drivers/virtio_pci/test_image.rs `written_byte`).
+pub fn written_byte(pos: u64) -> u8 {
+    ((pos.wrapping_mul(13) >> 3) as u8) ^ 0xa5
+}
+
+const DISK_MIB: usize = 1 << 20;
+
+/// A 2 MiB disk image `target/<dir>/<name>.img` holding `image_byte`.
+pub fn disk(dir: &str, name: &str) -> PathBuf {
+    let dir = root().join("target").join(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.img"));
+    std::fs::write(&path, (0..2 * DISK_MIB as u64).map(image_byte).collect::<Vec<u8>>()).unwrap();
+    path
+}
+
+/// After a run: the first MiB unchanged, the second holding what the kernel wrote.
+pub fn check_disk(b: &Boot, img: &Path) {
+    let data = std::fs::read(img).unwrap();
+    for (i, v) in data[..DISK_MIB].iter().enumerate() {
+        assert_eq!(*v, image_byte(i as u64), "[{}] first MiB changed at {i:#x}", b.name);
+    }
+    for (i, v) in data[DISK_MIB..2 * DISK_MIB].iter().enumerate() {
+        assert_eq!(*v, written_byte(i as u64), "[{}] the kernel's write is wrong at {:#x}", b.name, DISK_MIB + i);
+    }
+}
+
 fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }

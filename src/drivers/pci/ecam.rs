@@ -90,15 +90,62 @@ static BUS: Once<Result<PciBus, EcamError>> = Once::new();
 /// host bridge's bus map (the function sits below the bridge, so the bridge's own `dma-ranges`
 /// translate too) and coherence (`dma.noncoherent` overrides it), and the default masks; the
 /// driver sets the mask it knows the device has. Every PCI driver gets its device here, so that
-/// the bus decides how its functions do DMA.
+/// the bus decides how its functions do DMA: when the bridge's `iommu-map` puts the function
+/// behind an SMMU in use, the device gets an IOMMU domain of its own (dma-iommu), one per
+/// StreamID for the kernel's lifetime, unless `iommu.passthrough=1` leaves it a bypass stream
+/// (dma-direct).
 pub fn dma_device(pdev: &PciDevice) -> Result<crate::dma::Device, crate::dt::DtError> {
     let dt = &crate::kernel::boot_info().dt;
     let node = dt.find_compatible(COMPATIBLE).next().ok_or(crate::dt::DtError::NotFound { what: "PCI host bridge", name: crate::dt::Name::new(COMPATIBLE) })?;
     let coherent = crate::dma::is_coherent_in_dt(&node) && !crate::dma::bounce::force_noncoherent();
     let mut name = alloc::string::String::new();
     let _ = fmt::write(&mut name, format_args!("pci {:04x}:{}", pdev.domain, pdev.bdf));
-    Ok(crate::dma::Device::with_bus(&name, crate::dma::busmap::BusMap::for_children_of(&node)?, coherent))
+    let dev = crate::dma::Device::with_bus(&name, crate::dma::busmap::BusMap::for_children_of(&node)?, coherent);
+    let Some((smmu, sid)) = crate::iommu::smmuv3::smmu_for_pci(pdev) else { return Ok(dev) };
+    if crate::dma::iommu::policy().passthrough {
+        if let Err(e) = smmu.attach_bypass(sid) {
+            crate::println!("iommu: {name}: bypass stream {sid:#x}: {e}");
+        }
+        return Ok(dev);
+    }
+    let mut domains = DOMAINS.lock();
+    let domain = match domains.iter().find(|(s, _)| *s == sid) {
+        // Attached again: whoever drove the stream meanwhile (the SMMU's own tests do), the
+        // function's DMA goes through its domain from here on.
+        Some(&(_, d)) => {
+            if let Err(e) = smmu.attach(sid, d.domain()) {
+                crate::println!("iommu: {name}: attaching stream {sid:#x}: {e}");
+            }
+            d
+        }
+        None => match crate::dma::iommu::attach(smmu, sid) {
+            Ok(d) => {
+                domains.push((sid, d));
+                d
+            }
+            // The function keeps the SMMU's default stream (its DMA may fault): said so, and the
+            // driver's first mapping shows it.
+            Err(e) => {
+                crate::println!("iommu: {name}: no domain: {e}");
+                return Ok(dev);
+            }
+        },
+    };
+    Ok(dev.with_iommu(domain))
 }
+
+/// Every IOMMU domain the DMA layer gave a PCI function.
+pub fn iommu_domains() -> Vec<&'static crate::dma::iommu::IommuDomain> {
+    DOMAINS.lock().iter().map(|&(_, d)| d).collect()
+}
+
+/// The IOMMU domain the DMA layer gave StreamID `sid`, if any.
+pub fn iommu_domain_of(sid: u32) -> Option<&'static crate::dma::iommu::IommuDomain> {
+    DOMAINS.lock().iter().find(|(s, _)| *s == sid).map(|&(_, d)| d)
+}
+
+/// The IOMMU domain of each StreamID that has one.
+static DOMAINS: spin::Mutex<Vec<(u32, &'static crate::dma::iommu::IommuDomain)>> = spin::Mutex::new(Vec::new());
 
 /// Enumerates the first ECAM host bridge of the boot device tree, once; later calls return the
 /// same result.

@@ -71,6 +71,8 @@ impl TlbiRange {
 
 impl Command {
     /// The two doublewords of the queue entry.
+    // Once per command on every unmap: opt-level "z" would leave it a call.
+    #[inline(always)]
     pub fn encode(self) -> [u64; 2] {
         let op = |o: u8| u64::from(o);
         let sid = |s: u32| u64::from(s) << 32;
@@ -171,11 +173,59 @@ impl fmt::Display for CommandErrorKind {
     }
 }
 
+/// The by-address commands of a [`TlbiPlan`], generated one by one: a plan is made on every
+/// strict unmap, and an iterator of a few words keeps both the heap and large copies off that
+/// path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbiCommands {
+    asid: u16,
+    leaf: bool,
+    /// Address of the next command.
+    va: u64,
+    /// Pages still to cover (range commands) or commands still to issue (single addresses).
+    left: u64,
+    /// Bytes per single-address command; 0 for range commands.
+    step: u64,
+}
+
+impl TlbiCommands {
+    /// The range command that covers the lowest set bits of `pages` (nonzero) from the current
+    /// address: the lowest set bit gives SCALE, the five bits from there give NUM + 1.
+    fn next_range(pages: u64) -> TlbiRange {
+        let scale = pages.trailing_zeros();
+        let chunks = (pages >> scale) % RANGE_NUM_MAX;
+        // Bit `scale` is set, so `chunks` is odd, at least 1.
+        TlbiRange { num: (chunks - 1) as u8, scale: scale as u8 }
+    }
+}
+
+impl Iterator for TlbiCommands {
+    type Item = Command;
+
+    fn next(&mut self) -> Option<Command> {
+        if self.left == 0 {
+            return None;
+        }
+        let (asid, leaf, va) = (self.asid, self.leaf, self.va);
+        if self.step == 0 {
+            // Each command clears at least the lowest set bit of the page count.
+            let range = TlbiCommands::next_range(self.left);
+            self.left -= range.pages();
+            self.va = va.wrapping_add(range.pages() << PAGE_SHIFT);
+            Some(Command::TlbiNhVa { asid, va, leaf, range: Some(range) })
+        } else {
+            self.left -= 1;
+            self.va = va.wrapping_add(self.step);
+            Some(Command::TlbiNhVa { asid, va, leaf, range: None })
+        }
+    }
+}
+
 /// How to invalidate a range of IOVAs of one ASID.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlbiPlan {
     /// These by-address commands (at most the limit given to [`plan_tlbi`]).
-    ByAddress(alloc::vec::Vec<Command>),
+    ByAddress(TlbiCommands),
     /// One TLBI_NH_ASID: cheaper than the by-address commands the range would take.
     WholeAsid,
 }
@@ -184,41 +234,31 @@ pub enum TlbiPlan {
 /// `granule` bytes aligned to it (see `mm::pgtable::TlbInvalidation`). With range invalidation
 /// the range is split into the fewest range commands (each `(NUM + 1) << SCALE` pages); without
 /// it, one single-address command per `granule`. More than `max_commands` commands (or a
-/// malformed request: a zero or unaligned granule, a range that wraps) gives [`TlbiPlan::WholeAsid`],
-/// which is always correct.
+/// malformed request: a zero or unaligned granule, a range that wraps) gives
+/// [`TlbiPlan::WholeAsid`], which is always correct.
 pub fn plan_tlbi(asid: u16, va: u64, size: u64, granule: u64, leaf: bool, range_invalidation: bool, max_commands: usize) -> TlbiPlan {
     let end = va.checked_add(size);
     let granule_ok = granule >= PAGE_SIZE && granule.is_power_of_two();
     if !granule_ok || end.is_none() || !va.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
         return TlbiPlan::WholeAsid;
     }
-    let mut cmds = alloc::vec::Vec::new();
-    if range_invalidation {
-        // Peel off the lowest set bits of the page count: at each step the lowest set bit gives
-        // SCALE, the five bits from there give NUM + 1, and those pages are covered from the
-        // current address on. Each step clears at least the lowest set bit.
-        let mut pages = size >> PAGE_SHIFT;
-        let mut cur = va;
-        while pages != 0 {
-            let scale = pages.trailing_zeros();
-            let chunks = (pages >> scale) % RANGE_NUM_MAX;
-            // Bit `scale` is set, so `chunks` is odd, at least 1.
-            let range = TlbiRange { num: (chunks - 1) as u8, scale: scale as u8 };
-            if cmds.len() == max_commands {
-                return TlbiPlan::WholeAsid;
-            }
-            cmds.push(Command::TlbiNhVa { asid, va: cur, leaf, range: Some(range) });
-            cur += range.pages() << PAGE_SHIFT;
-            pages -= range.pages();
+    let (left, step, count) = if range_invalidation {
+        // Count the commands the iterator will produce, peeling the page count the same way.
+        let pages = size >> PAGE_SHIFT;
+        let (mut rest, mut count) = (pages, 0u64);
+        while rest != 0 {
+            rest -= TlbiCommands::next_range(rest).pages();
+            count += 1;
         }
+        (pages, 0, count)
     } else {
         let count = size / granule;
-        if count > max_commands as u64 {
-            return TlbiPlan::WholeAsid;
-        }
-        cmds.extend((0..count).map(|i| Command::TlbiNhVa { asid, va: va + i * granule, leaf, range: None }));
+        (count, granule, count)
+    };
+    if count > max_commands as u64 {
+        return TlbiPlan::WholeAsid;
     }
-    TlbiPlan::ByAddress(cmds)
+    TlbiPlan::ByAddress(TlbiCommands { asid, leaf, va, left, step })
 }
 
 #[cfg(test)]
@@ -262,10 +302,9 @@ mod tests {
     }
 
     fn range_cmds(plan: &TlbiPlan) -> Vec<(u64, u8, u8)> {
-        match plan {
+        match *plan {
             TlbiPlan::ByAddress(v) => v
-                .iter()
-                .map(|c| match *c {
+                .map(|c| match c {
                     Command::TlbiNhVa { va, range: Some(r), .. } => (va, r.num, r.scale),
                     other => panic!("not a range TLBI: {other:?}"),
                 })
@@ -288,15 +327,16 @@ mod tests {
         assert_eq!(range_cmds(&plan_tlbi(1, 0, 1537 << 12, 0x1000, true, true, 8)), [(0, 0, 0), (0x1000, 2, 9)]);
         // Over the limit: the whole ASID.
         assert_eq!(plan_tlbi(1, 0, 33 << 12, 0x1000, true, true, 1), TlbiPlan::WholeAsid);
+        assert_eq!(range_cmds(&plan_tlbi(1, 0, 33 << 12, 0x1000, true, true, 2)), [(0, 0, 0), (0x1000, 0, 5)]);
         // Nothing to do.
-        assert_eq!(plan_tlbi(1, 0, 0, 0x1000, true, true, 1), TlbiPlan::ByAddress(Vec::new()));
+        assert!(range_cmds(&plan_tlbi(1, 0, 0, 0x1000, true, true, 1)).is_empty());
     }
 
     #[test]
     fn per_address_plans() {
         let TlbiPlan::ByAddress(v) = plan_tlbi(7, 0x40_0000, 0x40_0000, 0x20_0000, false, false, 8) else { panic!() };
         assert_eq!(
-            v,
+            v.collect::<Vec<_>>(),
             [
                 Command::TlbiNhVa { asid: 7, va: 0x40_0000, leaf: false, range: None },
                 Command::TlbiNhVa { asid: 7, va: 0x60_0000, leaf: false, range: None },

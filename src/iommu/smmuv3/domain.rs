@@ -19,7 +19,7 @@ use core::mem::ManuallyDrop;
 use spin::Mutex;
 
 use super::cmd::{self, Command, TlbiPlan};
-use super::driver::{Smmu, SmmuError, SmmuPages};
+use super::driver::{QueueError, Smmu, SmmuError, SmmuPages};
 use super::ste::{ContextDescriptor, Walk, CD_DWORDS};
 use crate::dma::maint::Direction;
 use crate::mm::addr::{PhysAddr, PAGE_SHIFT, PAGE_SIZE};
@@ -104,6 +104,8 @@ unsafe impl TableAlloc for IoTables {
         }
     }
 
+    // On every descriptor access: opt-level "z" would leave it a call.
+    #[inline(always)]
     fn table_ptr(&self, pa: PhysAddr) -> *mut u64 {
         if let Some(dirty) = &self.dirty {
             let mut d = dirty.lock();
@@ -190,11 +192,14 @@ impl Domain {
         let mut tables = self.tables.lock();
         let r = tables.map(iova, pa, size, prot.attr, prot.perms);
         self.publish_tables();
-        r.map_err(SmmuError::from)
+        Ok(r?)
     }
 
     /// Unmaps whatever is mapped in `[iova, iova + size)` (holes are skipped) and returns how many
-    /// bytes were mapped; table pages left empty go back to the page allocator.
+    /// bytes were mapped. Table pages left empty stay for the next mapping of the range (as
+    /// Linux's io-pgtable keeps them): a map and unmap of the same IOVAs, the common case of
+    /// streaming DMA, then allocates, zeroes and frees no table page and needs only leaf
+    /// invalidations; the domain's tables go back when it is dropped.
     ///
     /// `strict`: when this returns, no translation of the range is left in the SMMU's TLB, so the
     /// IOVAs and the memory may be reused. Not strict: the last-level invalidations are left to
@@ -208,11 +213,11 @@ impl Domain {
     pub fn unmap(&self, iova: u64, size: u64, strict: bool) -> Result<u64, SmmuError> {
         let mut tables = self.tables.lock();
         let strict = strict || cuts_block(&tables, iova, size);
-        let mut tlb = IoTlb { domain: self, lazy: !strict, unsynced: false, error: None };
-        let r = tables.unmap(iova, size, &mut tlb);
+        let mut tlb = IoTlb::new(self, !strict);
+        let r = tables.unmap_keep_tables(iova, size, &mut tlb);
         self.publish_tables();
         let unmapped = r?.unmapped;
-        tlb.error.map_or(Ok(unmapped), Err)
+        tlb.error.map_or(Ok(unmapped), |e| Err(e.into()))
     }
 
     /// Invalidates every TLB entry of this domain (TLBI_NH_ASID + CMD_SYNC): after non-strict
@@ -238,6 +243,7 @@ impl Domain {
 
     /// Makes every table store so far visible to the SMMU: cleans the recorded pages for a
     /// non-coherent SMMU, a DSB otherwise.
+    #[inline(always)]
     fn publish_tables(&self) {
         match &self.dirty {
             None => crate::arch::cache::dsb(),
@@ -280,66 +286,82 @@ impl Drop for Domain {
 /// one.
 fn cuts_block(tables: &PageTable<IoTables>, va: u64, size: u64) -> bool {
     let inside_block = |a: u64| {
-        tables.translate(a).is_some_and(|t| {
-            let leaf = 1u64 << (PAGE_SHIFT + 9 * u32::from(3 - t.level.min(3)));
-            t.level < 3 && !a.is_multiple_of(leaf)
+        tables.leaf_level(a).is_some_and(|level| {
+            let leaf = 1u64 << (PAGE_SHIFT + 9 * u32::from(3 - level.min(3)));
+            level < 3 && !a.is_multiple_of(leaf)
         })
     };
     size != 0 && (inside_block(va) || va.checked_add(size).is_some_and(inside_block))
 }
 
-/// TLB maintenance of one unmap through the command queue.
+/// TLB maintenance of one unmap through the command queue. The invalidation of the latest request
+/// waits here and goes to the queue with the next one, or with the CMD_SYNC that waits for it:
+/// the usual unmap takes one queue submission.
 struct IoTlb<'d> {
     domain: &'d Domain,
     /// Skip last-level invalidations (non-strict unmap).
     lazy: bool,
+    /// Commands not yet on the queue.
+    pending: Option<TlbiPlan>,
     /// Invalidations were issued since the last CMD_SYNC.
     unsynced: bool,
     /// The first command failure; the rest of the unmap goes on.
-    error: Option<SmmuError>,
+    error: Option<QueueError>,
 }
 
-impl IoTlb<'_> {
-    fn record(&mut self, r: Result<(), SmmuError>) {
+impl<'d> IoTlb<'d> {
+    fn new(domain: &'d Domain, lazy: bool) -> IoTlb<'d> {
+        IoTlb { domain, lazy, pending: None, unsynced: false, error: None }
+    }
+
+    fn record(&mut self, r: Result<(), QueueError>) {
         if let Err(e) = r {
             self.error.get_or_insert(e);
         }
+    }
+
+    /// Puts the pending commands on the queue, followed by a CMD_SYNC that is waited for when
+    /// `sync`.
+    fn submit(&mut self, sync: bool) {
+        // The cleared descriptors reach the SMMU before it is asked to forget them.
+        self.domain.publish_tables();
+        let smmu = self.domain.smmu;
+        let r = match self.pending.take() {
+            Some(TlbiPlan::ByAddress(cmds)) => smmu.submit_iter(cmds, sync),
+            Some(TlbiPlan::WholeAsid) => smmu.submit_iter([Command::TlbiNhAsid { asid: self.domain.asid }].into_iter(), sync),
+            None => smmu.submit_iter(core::iter::empty(), sync),
+        };
+        self.record(r);
     }
 }
 
 impl TlbOps for IoTlb<'_> {
     fn invalidate(&mut self, inv: TlbInvalidation) {
-        // The cleared descriptors reach the SMMU before it is asked to forget them.
-        self.domain.publish_tables();
         if self.lazy && inv.leaf_only {
             return;
         }
+        if self.pending.is_some() {
+            self.submit(false);
+        }
         let smmu = self.domain.smmu;
-        let asid = self.domain.asid;
-        let plan = cmd::plan_tlbi(asid, inv.va, inv.size, inv.granule, inv.leaf_only, smmu.features().range_invalidation, MAX_TLBI_COMMANDS);
-        let cmds = match plan {
-            TlbiPlan::ByAddress(cmds) => cmds,
-            TlbiPlan::WholeAsid => alloc::vec![Command::TlbiNhAsid { asid }],
-        };
+        let plan = cmd::plan_tlbi(self.domain.asid, inv.va, inv.size, inv.granule, inv.leaf_only, smmu.features().range_invalidation, MAX_TLBI_COMMANDS);
+        self.pending = Some(plan);
         self.unsynced = true;
-        let r = smmu.submit(&cmds, false);
-        self.record(r);
     }
 
     fn sync(&mut self) {
-        self.domain.publish_tables();
         if !self.unsynced {
+            self.domain.publish_tables();
             return;
         }
         self.unsynced = false;
-        let smmu = self.domain.smmu;
-        let r = smmu.submit(&[], true);
-        self.record(r);
+        self.submit(true);
         if self.error.is_some() {
             // Some invalidation failed (the error says which): drop the whole ASID instead. If
             // even that fails, stop trusting the SMMU, so that no table page it may still walk is
             // freed (`IoTables::free_table` keeps them then).
-            if let Err(e) = smmu.submit(&[Command::TlbiNhAsid { asid: self.domain.asid }], true) {
+            let smmu = self.domain.smmu;
+            if let Err(e) = smmu.submit_iter([Command::TlbiNhAsid { asid: self.domain.asid }].into_iter(), true) {
                 smmu.mark_broken(&alloc::format!("TLB invalidation of ASID {} failed: {e}", self.domain.asid));
             }
         }

@@ -101,6 +101,34 @@ impl fmt::Display for SmmuError {
     }
 }
 
+/// Why a command submission failed: the [`SmmuError`]s of the command path, small enough to pass
+/// around on every unmap without copying a large error value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum QueueError {
+    /// See [`SmmuError::Broken`].
+    Broken,
+    /// See [`SmmuError::Timeout`].
+    Timeout(&'static str),
+    /// See [`SmmuError::Command`].
+    Command { kind: CommandErrorKind, opcode: u8 },
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SmmuError::from(*self).fmt(f)
+    }
+}
+
+impl From<QueueError> for SmmuError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Broken => SmmuError::Broken,
+            QueueError::Timeout(what) => SmmuError::Timeout(what),
+            QueueError::Command { kind, opcode } => SmmuError::Command { kind, opcode },
+        }
+    }
+}
+
 impl From<DtError> for SmmuError {
     fn from(e: DtError) -> Self {
         SmmuError::Dt(e)
@@ -115,6 +143,11 @@ impl From<crate::mm::pgtable::PageTableError> for SmmuError {
 
 /// Waits until `done` holds, for at most [`TIMEOUT_NS`] by the generic timer; false on time-out.
 fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    // Most waits are over at the first look (QEMU's SMMU consumes commands as PROD is written):
+    // the timer is read only when there is something to wait for.
+    if done() {
+        return true;
+    }
     let freq = u128::from(arch::counter::frequency().max(1));
     let start = arch::counter::read();
     loop {
@@ -285,6 +318,7 @@ struct Counters {
 }
 
 impl Counters {
+    #[inline(always)]
     fn count(&self, c: &Command) {
         self.commands.fetch_add(1, Ordering::Relaxed);
         let counter = match c {
@@ -562,34 +596,52 @@ impl Smmu {
     /// SMMU has consumed them all. A command the SMMU refuses is reported, replaced by a CMD_SYNC
     /// so that the queue moves on, and returned as the error once the rest is consumed.
     pub(super) fn submit(&self, cmds: &[Command], sync: bool) -> Result<(), SmmuError> {
-        if self.is_broken() {
-            return Err(SmmuError::Broken);
-        }
-        let words: Vec<[u64; 2]> = cmds.iter().chain(sync.then_some(&Command::Sync)).map(|c| {
-            self.counters.count(c);
+        Ok(self.submit_iter(cmds.iter().copied(), sync)?)
+    }
+
+    /// [`Smmu::submit`] of commands generated one by one, with the command path's own error.
+    pub(super) fn submit_iter(&self, cmds: impl Iterator<Item = Command>, sync: bool) -> Result<(), QueueError> {
+        // Encoded straight into the queue: this runs on every strict unmap, so no buffer on the
+        // heap.
+        let entries = cmds.chain(sync.then_some(Command::Sync)).map(|c| {
+            self.counters.count(&c);
             c.encode()
-        }).collect();
-        self.submit_raw(&words, sync)
+        });
+        self.submit_entries(entries, sync)
     }
 
     /// [`Smmu::submit`] of encoded commands (the last of which is the CMD_SYNC when `wait`).
     pub(super) fn submit_raw(&self, words: &[[u64; 2]], wait: bool) -> Result<(), SmmuError> {
+        Ok(self.submit_entries(words.iter().copied(), wait)?)
+    }
+
+    /// Writes `entries` to the command queue, publishes them, and with `wait` waits until the SMMU
+    /// has consumed them all.
+    fn submit_entries(&self, entries: impl Iterator<Item = [u64; 2]>, wait: bool) -> Result<(), QueueError> {
         if self.is_broken() {
-            return Err(SmmuError::Broken);
+            return Err(QueueError::Broken);
         }
         let r = self.regs();
         let mut q = self.cmdq.lock();
         let mut failure = None;
         let mut first_unpublished = q.prod;
-        for &entry in words {
-            if q.geo.free(q.prod, q.geo.pointer(r.cmdq_cons.get())) == 0 {
+        // Entries known to be free: CMDQ_CONS is read again only when they run out.
+        let mut free = 0;
+        for entry in entries {
+            if free == 0 {
+                free = q.geo.free(q.prod, q.geo.pointer(r.cmdq_cons.get()));
+            }
+            if free == 0 {
                 self.publish_commands(&q, first_unpublished);
                 first_unpublished = q.prod;
                 let target = q.geo.pointer(q.prod.wrapping_sub(q.geo.entries() - 1));
                 self.wait_consumed(&q, target, &mut failure)?;
+                // Everything before `target` is consumed: at least one entry is free.
+                free = q.geo.free(q.prod, q.geo.pointer(r.cmdq_cons.get())).max(1);
             }
             q.write(q.geo.index(q.prod), entry);
             q.prod = q.geo.next(q.prod);
+            free -= 1;
         }
         self.publish_commands(&q, first_unpublished);
         if wait {
@@ -612,33 +664,56 @@ impl Smmu {
         self.regs().cmdq_prod.set(q.prod);
     }
 
+    /// Whether the SMMU has consumed every entry before `target`: the entries between CONS and
+    /// PROD no longer include them.
+    #[inline(always)]
+    fn consumed(&self, q: &CmdQueue, target: u32) -> bool {
+        let cons = q.geo.pointer(self.regs().cmdq_cons.get());
+        q.geo.used(q.prod, cons) <= q.geo.used(q.prod, target)
+    }
+
     /// Waits until CMDQ_CONS has caught up with `target` (everything before it consumed), handling
     /// command errors on the way (the first is stored in `failure`).
-    fn wait_consumed(&self, q: &CmdQueue, target: u32, failure: &mut Option<SmmuError>) -> Result<(), SmmuError> {
+    #[inline(always)]
+    fn wait_consumed(&self, q: &CmdQueue, target: u32, failure: &mut Option<QueueError>) -> Result<(), QueueError> {
+        // Usually done at the first look (QEMU consumes commands as PROD is written).
+        if self.consumed(q, target) {
+            return Ok(());
+        }
+        self.wait_consumed_slow(q, target, failure)
+    }
+
+    #[inline(never)]
+    fn wait_consumed_slow(&self, q: &CmdQueue, target: u32, failure: &mut Option<QueueError>) -> Result<(), QueueError> {
         let r = self.regs();
         let done = wait_until(|| {
+            if self.consumed(q, target) {
+                return true;
+            }
+            // The SMMU stops at a command it refuses, so CONS is short of `target` while an error
+            // before it is pending: GERROR need only be read then.
             if GlobalErrors::active(r.gerror.get(), r.gerrorn.get()).contains(gerror::CMDQ_ERR) {
                 let e = self.recover_command_error(q);
                 failure.get_or_insert(e);
             }
-            // Consumed up to `target` when the entries between CONS and PROD no longer include
-            // those before `target`.
-            let cons = q.geo.pointer(r.cmdq_cons.get());
-            q.geo.used(q.prod, cons) <= q.geo.used(q.prod, target)
+            false
         });
         if done {
             Ok(())
         } else {
             let cons = r.cmdq_cons.get();
             self.mark_broken(&alloc::format!("no progress on the command queue in 1 s (CONS {cons:#x}, PROD {:#x})", q.prod));
-            Err(SmmuError::Timeout("command queue progress (CMD_SYNC)"))
+            Err(QueueError::Timeout("command queue progress (CMD_SYNC)"))
         }
     }
 
     /// Reports the command the SMMU stopped on, replaces it with a CMD_SYNC unless the error was an
     /// abort reading it (then it is retried as it is), and acknowledges GERROR.CMDQ_ERR so that
     /// consumption resumes.
-    fn recover_command_error(&self, q: &CmdQueue) -> SmmuError {
+    // Out of line: the wait loop that calls it runs on every unmap, the error almost never.
+    #[cold]
+    #[inline(never)]
+    fn recover_command_error(&self, q: &CmdQueue) -> QueueError {
         let r = self.regs();
         let cons = r.cmdq_cons.get();
         let kind = CommandErrorKind::from_code(((cons >> regs::CONS_ERR_SHIFT) & regs::CONS_ERR_MASK) as u8);
@@ -661,7 +736,7 @@ impl Smmu {
         let _ack = self.gerror_ack.lock();
         let (ge, gen) = (r.gerror.get(), r.gerrorn.get());
         r.gerrorn.set(gen ^ ((ge ^ gen) & gerror::CMDQ_ERR));
-        SmmuError::Command { kind, opcode }
+        QueueError::Command { kind, opcode }
     }
 
     /// Reports and acknowledges active global errors other than CMDQ_ERR (which the command path
