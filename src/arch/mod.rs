@@ -12,7 +12,8 @@
 //!   memory, the fastest way the architecture has);
 //! - `mmu::{KERNEL_TABLES, enable, switch, enabled, CpuTlb}`: the translation regime the generic
 //!   `mm::kmap` builds its tables for, and the CPU's TLB maintenance (broadcast to every CPU);
-//!   `mmu::secondary_regs`: the registers a secondary loads to join that regime;
+//!   `mmu::secondary_regs`: the registers a secondary loads to join that regime; `mmu::pa_bits`:
+//!   the CPU's physical address size;
 //! - `probe::{read_u64, write_u64, Fault}`: accesses that may fault, for tests;
 //! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly);
 //! - `semihosting::exit`: returns only when no semihosting host answered the trap.

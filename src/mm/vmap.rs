@@ -263,15 +263,27 @@ mod kernel {
     /// Places the window and sets up its allocator (metadata on the kernel heap). Once, after the
     /// kernel tables are built.
     pub fn init(dt: &DeviceTree<'_>, map: &MemoryMap) -> Result<(u64, u64), VmapError> {
-        let limit = 1u64 << arch::mmu::KERNEL_TABLES.va_bits;
-        let taken = occupied(dt, map);
+        let va_bits = arch::mmu::KERNEL_TABLES.va_bits;
+        let limit = 1u64 << va_bits;
+        // Where the CPU's physical addresses end below the virtual space (aarch64), nothing the
+        // kernel identity-maps can lie above them: no need to read the device tree.
+        let pa_bits = arch::mmu::pa_bits();
+        let taken = if pa_bits < va_bits { alloc::vec![(0, 1u64 << pa_bits)] } else { occupied(dt, map) };
         let (base, size) = WINDOW_SIZES
             .iter()
             .find_map(|&size| place_window(limit, size, WINDOW_ALIGN, &taken).map(|b| (b, size)))
             .ok_or(VmapError::NoWindow)?;
         let pages = size / PAGE_SIZE;
         let words = buddy::metadata_words(PhysAddr(base), pages).map_err(|_| VmapError::NoWindow)?;
-        let meta: &'static mut [u64] = alloc::vec![0u64; words].leak();
+        // From the page allocator, not zeroed: the buddy allocator initialises its metadata lazily
+        // (it writes a handful of words whatever the span), so zeroing the 128 KiB a 1 GiB window
+        // needs would only cost boot time.
+        let meta_pages = (words as u64 * 8).div_ceil(PAGE_SIZE);
+        let meta_pa = crate::mm::phys::alloc_pages_exact(meta_pages, None).map_err(|_| VmapError::NoWindow)?;
+        // SAFETY: pages just allocated for this metadata alone and for good, mapped writable at
+        // their physical address by the linear map, page aligned (so aligned for u64); any bit
+        // pattern is a valid u64 and the buddy allocator reads only words it has written.
+        let meta: &'static mut [u64] = unsafe { core::slice::from_raw_parts_mut(meta_pa.0 as usize as *mut u64, words) };
         let mut space = BuddyAllocator::new(PhysAddr(base), pages, meta).map_err(|_| VmapError::NoWindow)?;
         space.add_free_range(PhysAddr(base), pages).map_err(|_| VmapError::NoWindow)?;
         WINDOW.call_once(|| Mutex::new(Window { base, size, space: WindowSpace::new(space), areas: 0 }));

@@ -26,34 +26,43 @@ macro_rules! lines_op {
         /// before the result is relied on.
         #[inline(always)]
         pub fn $name(first: usize, count: usize, line: usize) {
-            let mut addr = first;
-            // `wrapping_add`: after the top line of the address space the next address wraps,
-            // and is never used.
-            for _ in 0..count / 4 {
-                // SAFETY: cache maintenance by VA does not change memory contents as seen by the
-                // program (clean) or discards lines the caller has declared it owns (invalidate);
-                // the addresses are mapped (the caller's contract). Not `nomem`: the compiler must
-                // not move the caller's accesses to the buffer across the operation.
-                unsafe {
-                    core::arch::asm!(
-                        concat!("dc ", $op, ", {a}"),
-                        concat!("dc ", $op, ", {b}"),
-                        concat!("dc ", $op, ", {c}"),
-                        concat!("dc ", $op, ", {d}"),
-                        a = in(reg) addr,
-                        b = in(reg) addr.wrapping_add(line),
-                        c = in(reg) addr.wrapping_add(2 * line),
-                        d = in(reg) addr.wrapping_add(3 * line),
-                        options(nostack, preserves_flags)
-                    )
-                };
-                addr = addr.wrapping_add(4 * line);
-            }
-            for _ in 0..count % 4 {
-                // SAFETY: as above.
-                unsafe { core::arch::asm!(concat!("dc ", $op, ", {}"), in(reg) addr, options(nostack, preserves_flags)) };
-                addr = addr.wrapping_add(line);
-            }
+            // The whole loop is one asm block: inlined into many callers, a Rust loop around
+            // single instructions is what the size-optimising machine outliner likes to turn
+            // into calls, which would cost a call per line.
+            // SAFETY: cache maintenance by VA does not change memory contents as seen by the
+            // program (clean) or discards lines the caller has declared it owns (invalidate);
+            // the addresses are mapped (the caller's contract). Not `nomem`: the compiler must not
+            // move the caller's accesses to the buffer across the operation. After the top line
+            // of the address space the address wraps, and is never used.
+            unsafe {
+                core::arch::asm!(
+                    "cbz {quads}, 3f",
+                    "2:",
+                    concat!("dc ", $op, ", {a}"),
+                    "add {a}, {a}, {line}",
+                    concat!("dc ", $op, ", {a}"),
+                    "add {a}, {a}, {line}",
+                    concat!("dc ", $op, ", {a}"),
+                    "add {a}, {a}, {line}",
+                    concat!("dc ", $op, ", {a}"),
+                    "add {a}, {a}, {line}",
+                    "subs {quads}, {quads}, #1",
+                    "b.ne 2b",
+                    "3:",
+                    "cbz {rest}, 5f",
+                    "4:",
+                    concat!("dc ", $op, ", {a}"),
+                    "add {a}, {a}, {line}",
+                    "subs {rest}, {rest}, #1",
+                    "b.ne 4b",
+                    "5:",
+                    a = inout(reg) first => _,
+                    line = in(reg) line,
+                    quads = inout(reg) count / 4 => _,
+                    rest = inout(reg) count % 4 => _,
+                    options(nostack)
+                )
+            };
         }
     };
 }

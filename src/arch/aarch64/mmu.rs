@@ -43,6 +43,20 @@ pub unsafe fn enable(root: PhysAddr, asid: u16, written_uncached: &[(usize, usiz
     cache::isb();
 }
 
+/// Physical address bits of the CPU (ID_AA64MMFR0_EL1.PARange): no RAM or device lies at or
+/// above `1 << pa_bits()`.
+pub fn pa_bits() -> u8 {
+    match ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange) {
+        0 => 32,
+        1 => 36,
+        2 => 40,
+        3 => 42,
+        4 => 44,
+        5 => 48,
+        _ => 52,
+    }
+}
+
 /// The registers a secondary CPU loads to join this CPU's translation regime: MAIR, TCR, TTBR0
 /// (root and ASID) and SCTLR, as they are now (the boot parameters of `crate::smp`).
 pub fn secondary_regs() -> [u64; 4] {

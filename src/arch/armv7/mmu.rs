@@ -71,6 +71,12 @@ pub unsafe fn enable(root: PhysAddr, asid: u16, written_uncached: &[(usize, usiz
     });
 }
 
+/// Physical address bits of the CPU: 40 with LPAE (the kernel's identity map reaches only the
+/// 32 bits of its virtual space, where RAM and devices share addresses with the vmap window).
+pub fn pa_bits() -> u8 {
+    40
+}
+
 /// The registers a secondary CPU loads to join this CPU's translation regime, as they are now
 /// (the boot parameters of `crate::smp`): MAIR0 | MAIR1 << 32, TTBCR, TTBR0 (root and ASID) and
 /// SCTLR.
