@@ -21,7 +21,7 @@
 use alloc::vec::Vec;
 
 use super::cycles::Cycles;
-use super::dma::{ns, stats};
+use super::dma::{ns, stats, read_overhead};
 use super::Recorder;
 use crate::dma::api::DmaAttrs;
 use crate::dma::busmap::BusMap;
@@ -102,15 +102,6 @@ pub fn pages_alloc_free_1(rec: &Recorder) {
         if c.is_pmu() { "PMU cycle" } else { "generic timer" },
         ovh / 1000,
     ));
-}
-
-/// The mean cost of the counter's two reads around an operation, in thousandths of a count.
-fn read_overhead(c: &Cycles) -> u64 {
-    let mut ovh = Vec::with_capacity(1024);
-    for _ in 0..1024 {
-        ovh.push(c.timed(|| ()).1);
-    }
-    stats(&ovh).mean_milli
 }
 
 /// Prints the four results of the `alloc`, `free` and `pair` samples (in counts) net of `ovh`.

@@ -78,6 +78,15 @@ fn isqrt(v: u128) -> u64 {
     u64::try_from(x).unwrap_or(u64::MAX)
 }
 
+/// The mean cost of the counter's two reads around an operation, in thousandths of a count.
+pub(super) fn read_overhead(c: &Cycles) -> u64 {
+    let mut ovh = Vec::with_capacity(1024);
+    for _ in 0..1024 {
+        ovh.push(c.timed(|| ()).1);
+    }
+    stats(&ovh).mean_milli
+}
+
 /// Nanoseconds of `counts_milli / 1000` counts, minus `overhead_milli / 1000` counts.
 pub(super) fn ns(c: &Cycles, counts_milli: u64, overhead_milli: u64) -> u64 {
     let net = u128::from(counts_milli.saturating_sub(overhead_milli));
@@ -130,11 +139,7 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
     };
     let forced = platform_pool().is_some_and(|p| p.is_forced());
     let c = Cycles::start();
-    let mut ovh = Vec::with_capacity(1024);
-    for _ in 0..1024 {
-        ovh.push(c.timed(|| ()).1);
-    }
-    let ovh = stats(&ovh).mean_milli;
+    let ovh = read_overhead(&c);
     // Fewer samples for larger buffers: about 64 MiB mapped in all per direction, at least 32.
     let n = (16384 / pages).clamp(32, 2048) as usize;
     let mut detail = alloc::string::String::new();
@@ -202,11 +207,7 @@ pub fn iova_alloc_free(rec: &Recorder) {
     };
     let cpu = crate::smp::cpu_index();
     let c = Cycles::start();
-    let mut ovh = Vec::with_capacity(1024);
-    for _ in 0..1024 {
-        ovh.push(c.timed(|| ()).1);
-    }
-    let ovh = stats(&ovh).mean_milli;
+    let ovh = read_overhead(&c);
     let mut samples = Vec::with_capacity(2048);
     for i in 0..2048 + 64 {
         let (r, t) = c.timed(|| space.alloc_fast(cpu, 1, u64::MAX).and_then(|iova| space.free_fast(cpu, iova, 1)));

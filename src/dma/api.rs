@@ -466,21 +466,24 @@ mod kernel {
             if debug::enabled() {
                 debug::freeing(self, Some(cpu), dma, size, Location::caller())?;
             }
-            let mut live = RAW_COHERENT.lock();
-            let matches = live.get(&(self.id(), dma.0)).map(|raw| {
-                raw.size == size && raw.cpu_ptr().is_some_and(|p| p.as_ptr() as u64 == cpu)
-            });
-            match matches {
-                None => Err(DmaError::NotMapped { dma, size }),
-                Some(false) => Err(DmaError::BadRange { offset: 0, size, len: live.get(&(self.id(), dma.0)).map_or(0, |r| r.size) }),
-                Some(true) => {
-                    let raw = live.remove(&(self.id(), dma.0)).ok_or(DmaError::NotMapped { dma, size })?;
-                    drop(live);
-                    match self.backend() {
-                        Backend::Direct => direct::free(self, raw),
-                        Backend::Iommu(d) => iommu::free(self, d, raw),
-                    }
+            let raw = {
+                let mut live = RAW_COHERENT.lock();
+                let key = (self.id(), dma.0);
+                let raw = live.get(&key).ok_or(DmaError::NotMapped { dma, size })?;
+                if raw.size != size || raw.cpu_ptr().is_none_or(|p| p.as_ptr() as u64 != cpu) {
+                    return Err(DmaError::BadRange { offset: 0, size, len: raw.size });
                 }
+                live.remove(&key).ok_or(DmaError::NotMapped { dma, size })?
+            };
+            self.free_raw(raw)
+        }
+
+        /// Gives a coherent buffer back to the back end that made it.
+        #[inline(always)]
+        fn free_raw(&self, raw: CoherentRaw) -> Result<(), DmaError> {
+            match self.backend() {
+                Backend::Direct => direct::free(self, raw),
+                Backend::Iommu(d) => iommu::free(self, d, raw),
             }
         }
 
@@ -643,10 +646,7 @@ mod kernel {
             }
             match self.raw.take() {
                 None => Ok(()),
-                Some(raw) => match self.dev.backend() {
-                    Backend::Direct => direct::free(self.dev, raw),
-                    Backend::Iommu(d) => iommu::free(self.dev, d, raw),
-                },
+                Some(raw) => self.dev.free_raw(raw),
             }
         }
     }

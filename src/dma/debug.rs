@@ -88,7 +88,11 @@ pub fn guarding() -> bool {
 
 fn report(r: Report) {
     println!("# dma-debug: {r}");
-    let mut log = LOG.lock();
+    keep(&mut LOG.lock(), r);
+}
+
+/// Adds `r` to the log, dropping the oldest report when it is full.
+fn keep(log: &mut Vec<Report>, r: Report) {
     if log.len() == LOG_LIMIT {
         log.remove(0);
     }
@@ -369,9 +373,6 @@ pub fn guard_fault(addr: u64, pc: u64) {
     let r = Report::guard(ReportKind::CpuAccessWhileDeviceOwns, Op::CpuAccess, &entry, PhysAddr(addr), Some(pc), entry.caller);
     if let Some(mut log) = LOG.try_lock() {
         crate::console::emergency_print(format_args!("# dma-debug: {r}\n"));
-        if log.len() == LOG_LIMIT {
-            log.remove(0);
-        }
-        log.push(r);
+        keep(&mut log, r);
     }
 }

@@ -481,8 +481,8 @@ mod kernel {
         match mem {
             CoherentMem::Pages(p) => (0..p.count).map(|i| PhysAddr(p.phys.0 + i * PAGE_SIZE)).collect(),
             CoherentMem::Scattered(l) => l.clone(),
-            CoherentMem::Pool { phys, bytes, .. } => (0..bytes / PAGE_SIZE).map(|i| PhysAddr(phys.0 + i * PAGE_SIZE)).collect(),
-            CoherentMem::AtomicPool(b) => (0..b.bytes / PAGE_SIZE).map(|i| PhysAddr(b.phys.0 + i * PAGE_SIZE)).collect(),
+            // dma-direct's; never made here.
+            CoherentMem::Pool { .. } | CoherentMem::AtomicPool(_) => Vec::new(),
         }
     }
 
@@ -490,8 +490,8 @@ mod kernel {
         match mem {
             CoherentMem::Pages(p) => dma_free_contiguous(dev, p).map_err(|_| DmaError::Free),
             CoherentMem::Scattered(l) => l.into_iter().try_for_each(|p| crate::mm::phys::free_pages(p, 0).map_err(|_| DmaError::Free)),
-            CoherentMem::Pool { pool, phys, bytes } => pool.free(phys, bytes),
-            CoherentMem::AtomicPool(b) => crate::dma::pool::free(b),
+            // dma-direct's; never made here.
+            CoherentMem::Pool { .. } | CoherentMem::AtomicPool(_) => Err(DmaError::Free),
         }
     }
 
