@@ -16,17 +16,27 @@ becomes this script's. Exit status: 0 only when the kernel reported no failure; 
 time-out or a missing summary line is a failure.
 
 Options:
-  --arch aarch64|armv7   architecture (default aarch64)
-  --machine virt         QEMU machine (default virt)
-  --mem SIZE             RAM size, QEMU syntax: 128M, 2G (default 1G)
-  --smp N                number of CPUs (default 1)
-  --cpu MODEL            CPU model (default cortex-a57 on aarch64, cortex-a15 on armv7)
+  --arch aarch64|armv7   architecture (default aarch64; armv7 for raspi2b)
+  --machine MACHINE      QEMU machine (default virt):
+                           virt     aarch64 or armv7, QEMU makes the DTB
+                           raspi3b  Raspberry Pi 3B, aarch64
+                           raspi2b  Raspberry Pi 2B, armv7
+                           raspi4b  Raspberry Pi 4B, aarch64 (QEMU 9.0 and later; with an older
+                                    QEMU this script says so and exits 77, "skipped")
+                         The raspi machines make no DTB: the kernel boots with the project's own
+                         tests/dts/MACHINE.dts (compiled with dtc) unless --dtb names another.
+                         Their RAM, CPU model and CPU count are the board's. Both UARTs (PL011,
+                         then the mini UART) go to stdout, so either can be the console.
+  --mem SIZE             RAM size, QEMU syntax: 128M, 2G (virt; default 1G)
+  --smp N                number of CPUs (virt; default 1)
+  --cpu MODEL            CPU model (virt; default cortex-a57 on aarch64, cortex-a15 on armv7)
   --append "BOOTARGS"    kernel command line (/chosen/bootargs)
   --dtb FILE             boot with this DTB instead of the one QEMU generates
   --dtb-raw FILE         place FILE in RAM byte for byte (at RAM base + 128 MiB) and pass its
                          address to the kernel, bypassing QEMU's own DTB handling: for checking
-                         how the kernel treats a malformed blob QEMU itself would refuse
-  --dtb-ptr ADDR         pass ADDR as the DTB pointer (with --dtb-raw, or alone: e.g. 0 for none)
+                         how the kernel treats a malformed blob QEMU itself would refuse (virt)
+  --dtb-ptr ADDR         pass ADDR as the DTB pointer (with --dtb-raw, or alone: e.g. 0 for none;
+                         virt)
   --icount               deterministic timing: one instruction = 1 ns of virtual time
   --gdb                  wait for gdb on :1234 and print the gdb command line
   --timeout SECONDS      kill QEMU after this long and fail (default 120; 0 = none)
@@ -46,7 +56,7 @@ Options:
 USAGE
 }
 
-arch="" machine=virt mem=1G smp=1 cpu="" append="" dtb="" dtb_raw="" dtb_ptr="" early_uart="" icount=0 gdb=0 timeout=120 build=1 boot=1 log="" bench=0 update_baseline=""
+arch="" machine=virt mem="" smp="" cpu="" append="" dtb="" dtb_raw="" dtb_ptr="" early_uart="" icount=0 gdb=0 timeout=120 build=1 boot=1 log="" bench=0 update_baseline=""
 extra=()
 given=()
 while [ $# -gt 0 ]; do
@@ -84,17 +94,30 @@ if [ "$bench" = 1 ]; then
     exec cargo run --example bench_table -- --arch "${arch:-all}" ${update_baseline:+--update-baseline}
 fi
 [ -z "$update_baseline" ] || { echo "qemu-run.sh: --update-baseline goes with --bench" >&2; exit 2; }
-: "${arch:=aarch64}"
+# Each machine: the architectures it runs and, for the boards, the raw image's load address.
+case "$machine" in
+    virt) board_arch="" ;;
+    raspi3b|raspi4b) board_arch=aarch64 ;;
+    raspi2b) board_arch=armv7 ;;
+    *) echo "qemu-run.sh: machine '$machine' is not supported (supported: virt, raspi2b, raspi3b, raspi4b)" >&2; exit 2 ;;
+esac
+: "${arch:=${board_arch:-aarch64}}"
 case "$arch" in
-    aarch64) target=aarch64-unknown-none-softfloat qemu=qemu-system-aarch64; : "${cpu:=cortex-a57}" ;;
-    armv7) target=armv7a-none-eabi qemu=qemu-system-arm; : "${cpu:=cortex-a15}" ;;
+    aarch64) target=aarch64-unknown-none-softfloat qemu=qemu-system-aarch64 ;;
+    armv7) target=armv7a-none-eabi qemu=qemu-system-arm ;;
     *) echo "qemu-run.sh: --arch must be aarch64 or armv7, not '$arch'" >&2; exit 2 ;;
 esac
-case "$machine" in
-    virt) ;;
-    *) echo "qemu-run.sh: machine '$machine' is not supported (supported: virt)" >&2; exit 2 ;;
-esac
-[[ "$smp" =~ ^[0-9]+$ ]] && [ "$smp" -ge 1 ] || { echo "qemu-run.sh: --smp needs a positive number" >&2; exit 2; }
+if [ -n "$board_arch" ]; then
+    [ "$arch" = "$board_arch" ] || { echo "qemu-run.sh: QEMU's $machine runs $board_arch images, not $arch" >&2; exit 2; }
+    for fixed in "mem:$mem" "smp:$smp" "cpu:$cpu"; do
+        [ -z "${fixed#*:}" ] || { echo "qemu-run.sh: --${fixed%%:*} does not apply to $machine: RAM, CPUs and CPU model are the board's" >&2; exit 2; }
+    done
+    [ -z "$dtb_raw$dtb_ptr" ] || { echo "qemu-run.sh: --dtb-raw and --dtb-ptr work with --machine virt only" >&2; exit 2; }
+else
+    : "${mem:=1G}" "${smp:=1}"
+    case "$arch" in aarch64) : "${cpu:=cortex-a57}" ;; armv7) : "${cpu:=cortex-a15}" ;; esac
+    [[ "$smp" =~ ^[0-9]+$ ]] && [ "$smp" -ge 1 ] || { echo "qemu-run.sh: --smp needs a positive number" >&2; exit 2; }
+fi
 [[ "$timeout" =~ ^[0-9]+$ ]] || { echo "qemu-run.sh: --timeout needs a number of seconds" >&2; exit 2; }
 if [ -n "$dtb" ] && [ ! -r "$dtb" ]; then echo "qemu-run.sh: cannot read DTB '$dtb'" >&2; exit 2; fi
 if [ -n "$dtb_raw" ] && [ ! -r "$dtb_raw" ]; then echo "qemu-run.sh: cannot read '$dtb_raw'" >&2; exit 2; fi
@@ -136,11 +159,27 @@ if ! command -v "$qemu" >/dev/null 2>&1; then
     fi
 fi
 
+if [ -n "$board_arch" ] && ! "$qemu" -M help | grep -q "^$machine "; then
+    echo "qemu-run.sh: SKIP: $("$qemu" --version | head -n 1) has no $machine machine (QEMU 9.0 and later have raspi4b)" >&2
+    exit 77
+fi
+if [ -n "$board_arch" ] && [ -z "$dtb" ]; then
+    command -v dtc >/dev/null 2>&1 || { echo "qemu-run.sh: $machine needs a DTB: install dtc (apt-get install device-tree-compiler) or pass --dtb" >&2; exit 2; }
+    dtb="$here/target/dtb/$machine.dtb"
+    mkdir -p "$here/target/dtb"
+    dtc -q -I dts -O dtb -o "$dtb.tmp.$$" "$here/tests/dts/$machine.dts"
+    mv -f "$dtb.tmp.$$" "$dtb"
+fi
+
 cleanup=()
 trap 'rm -f "${cleanup[@]}"' EXIT
-args=(-M "$machine" -cpu "$cpu" -m "$mem" -smp "$smp" -nodefaults -display none -serial stdio
-      -semihosting-config enable=on,target=native -no-reboot
-      -global virtio-mmio.force-legacy=false)
+args=(-M "$machine" -nodefaults -display none -semihosting-config enable=on,target=native -no-reboot)
+if [ -n "$board_arch" ]; then
+    # PL011 first, mini UART second (QEMU's order for the BCM283x), both on stdout.
+    args+=(-chardev stdio,id=console,mux=on -serial chardev:console -serial chardev:console)
+else
+    args+=(-cpu "$cpu" -m "$mem" -smp "$smp" -serial stdio -global virtio-mmio.force-legacy=false)
+fi
 if [ -n "$dtb_raw" ] || [ -n "$dtb_ptr" ]; then
     # Play the boot loader ourselves: the image and the blob go into RAM as they are, and a
     # five-instruction stub loads the DTB register and jumps to the image. QEMU's virt RAM starts
@@ -174,7 +213,12 @@ fi
 [ "$icount" = 1 ] && args+=(-icount shift=0,sleep=off)
 if [ "$gdb" = 1 ]; then
     args+=(-s -S)
-    case "$arch" in aarch64) load=0x40200000 ;; armv7) load=0x40010000 ;; esac
+    case "$machine:$arch" in
+        virt:aarch64) load=0x40200000 ;;
+        virt:armv7) load=0x40010000 ;;
+        *:aarch64) load=0x200000 ;;
+        *:armv7) load=0x10000 ;;
+    esac
     echo "qemu-run.sh: waiting for gdb on :1234. In another terminal:" >&2
     echo "  gdb-multiarch -ex 'target remote :1234' -ex 'add-symbol-file $elf -o $load'" >&2
     timeout=0

@@ -91,6 +91,26 @@ impl Boot {
         }
     }
 
+    /// Assert that every case of `suite` ran and passed: none skipped, at least one case.
+    pub fn assert_suite_ran(&self, suite: &str) -> &Self {
+        let cases: Vec<_> = self.report.cases.iter().filter(|c| c.suite == suite).collect();
+        assert!(!cases.is_empty(), "[{}] suite {suite} did not run\n{}", self.name, tail(&self.log, 60));
+        for c in cases {
+            assert!(c.status == Status::Pass, "[{}] {suite}.{}: {:?} {:?}", self.name, c.name, c.status, c.diagnostics);
+        }
+        self
+    }
+
+    /// Whether qemu-run.sh skipped the configuration (status 77: the installed QEMU lacks the
+    /// machine); prints why, for the test log.
+    pub fn skipped(&self) -> bool {
+        if self.status == Some(77) {
+            eprintln!("[{}] SKIP: {}", self.name, self.log.lines().find(|l| l.contains("SKIP")).unwrap_or("skipped"));
+            return true;
+        }
+        false
+    }
+
     /// Assert that a case was skipped.
     pub fn assert_case_skipped(&self, suite: &str, case: &str) -> &Self {
         let c = self.report.cases.iter().find(|c| c.suite == suite && c.name == case);
