@@ -8,6 +8,9 @@ use spin::Mutex;
 /// An output device. Implementations poll; they must be usable with interrupts masked.
 pub trait Console: Sync {
     fn write_bytes(&self, bytes: &[u8]);
+    /// Waits (boundedly) until everything written has left the device: before a power-off or
+    /// reset that would cut the last line short.
+    fn flush(&self) {}
 }
 
 static CONSOLE: Mutex<Option<&'static dyn Console>> = Mutex::new(None);
@@ -19,6 +22,20 @@ pub fn set(c: &'static dyn Console) {
 
 pub fn is_set() -> bool {
     CONSOLE.lock().is_some()
+}
+
+/// Flushes the console, if there is one, without waiting for its lock for long (see
+/// [`emergency_print`]): called on the way to power-off.
+pub fn flush() {
+    for _ in 0..1_000_000 {
+        if let Some(guard) = CONSOLE.try_lock() {
+            if let Some(c) = *guard {
+                c.flush();
+            }
+            return;
+        }
+        core::hint::spin_loop();
+    }
 }
 
 struct Writer<'a>(&'a dyn Console);

@@ -40,10 +40,15 @@ pub fn section_ends() -> (usize, usize) {
     (core::ptr::addr_of!(__text_end) as usize, core::ptr::addr_of!(__rodata_end) as usize)
 }
 
-/// Power off with `code`: semihosting when a host answers (QEMU), else PSCI SYSTEM_OFF, else park.
+/// Power off with `code`: semihosting when a host answers (QEMU), else PSCI SYSTEM_OFF, else the
+/// BCM2835 power manager's halt (Raspberry Pi), else park. Without semihosting the status cannot
+/// leave the machine, so it is printed first for whoever reads the console (a HIL runner).
 pub fn exit(code: u32) -> ! {
     arch::semihosting::exit(code);
+    crate::console::emergency_print(format_args!("dmakern: exit status {code}\n"));
+    crate::console::flush();
     crate::drivers::psci::system_off();
+    crate::drivers::bcm2835_pm::power_off();
     arch::cpu::wait_forever()
 }
 
@@ -84,6 +89,7 @@ pub struct BootInfo {
     pub memmap: Mutex<MemoryMap>,
     pub image: ImageLayout,
     pub entry_level: usize,
+    /// The console's driver name and register address.
     pub console: Option<(&'static str, u64)>,
 }
 
@@ -138,24 +144,94 @@ const fn parse_hex(s: &str) -> u64 {
     v
 }
 
-static CONSOLE_UART: Once<drivers::pl011::Pl011> = Once::new();
-
-fn start_console(base: u64) {
-    // SAFETY: `base` is a PL011 register block named by the DT (or the build), mapped as device
-    // memory by the caller, and used only by the console from now on.
-    let uart = CONSOLE_UART.call_once(|| unsafe { drivers::pl011::Pl011::new(base as usize) });
-    uart.init();
-    crate::console::set(uart);
+/// The UARTs the console can be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Uart {
+    /// "arm,pl011" (also "arm,pl011-axi", which lists it too).
+    Pl011,
+    /// "brcm,bcm2835-aux-uart", the Raspberry Pi's mini UART.
+    MiniUart,
 }
 
-/// The console from /chosen/stdout-path: the driver's name and its register address.
-fn find_console(dt: &DeviceTree<'static>) -> Result<Option<(&'static str, u64)>, crate::dt::DtError> {
-    let Some(stdout) = dt.stdout_path()? else { return Ok(None) };
-    if !stdout.node.is_compatible("arm,pl011") {
-        return Ok(None);
+impl Uart {
+    fn name(self) -> &'static str {
+        match self {
+            Uart::Pl011 => "pl011",
+            Uart::MiniUart => "bcm2835 mini UART",
+        }
     }
+
+    /// The device range to map for it: the mini UART's enable bit is in the AUX block below it.
+    fn mapping(self, base: u64) -> Option<(u64, u64)> {
+        match self {
+            Uart::Pl011 => Some((base, PAGE_SIZE)),
+            Uart::MiniUart => {
+                let aux = drivers::bcm2835_aux_uart::AUX_UART_OFFSET as u64;
+                Some((base.checked_sub(aux)?, 2 * aux))
+            }
+        }
+    }
+}
+
+static CONSOLE_PL011: Once<drivers::pl011::Pl011> = Once::new();
+static CONSOLE_MINI_UART: Once<drivers::bcm2835_aux_uart::MiniUart> = Once::new();
+
+/// Makes the UART at `base` (mapped by the caller) the console. For the mini UART, returns whether
+/// the firmware's set-up was kept (see `MiniUart::init`).
+fn start_console(kind: Uart, base: u64) -> bool {
+    match kind {
+        Uart::Pl011 => {
+            // SAFETY: `base` is a PL011 register block named by the DT (or the build), mapped as
+            // device memory by the caller, and used only by the console from now on.
+            let uart = CONSOLE_PL011.call_once(|| unsafe { drivers::pl011::Pl011::new(base as usize) });
+            uart.init();
+            crate::console::set(uart);
+            false
+        }
+        Uart::MiniUart => {
+            // SAFETY: as above, for the mini UART; the caller mapped the AUX block below it too.
+            let uart = CONSOLE_MINI_UART.call_once(|| unsafe { drivers::bcm2835_aux_uart::MiniUart::new(base as usize) });
+            let kept = uart.init();
+            crate::console::set(uart);
+            kept
+        }
+    }
+}
+
+/// The console from /chosen/stdout-path: which UART and its register address.
+fn find_console(dt: &DeviceTree<'static>) -> Result<Option<(Uart, u64)>, crate::dt::DtError> {
+    let Some(stdout) = dt.stdout_path()? else { return Ok(None) };
+    let kind = if stdout.node.is_compatible("arm,pl011") || stdout.node.is_compatible("arm,pl011-axi") {
+        Uart::Pl011
+    } else if stdout.node.is_compatible("brcm,bcm2835-aux-uart") {
+        Uart::MiniUart
+    } else {
+        return Ok(None);
+    };
     let reg = dt.reg0(&stdout.node)?;
-    Ok(Some(("pl011", reg.base().0)))
+    Ok(Some((kind, reg.base().0)))
+}
+
+/// Maps the BCM2835 power manager, if the tree has one, for `exit`'s power-off; its address.
+fn find_power_manager(dt: &DeviceTree<'static>) -> Option<u64> {
+    let node = drivers::bcm2835_pm::COMPATIBLES.iter().find_map(|c| dt.find_compatible(c).next())?;
+    let base = dt.reg0(&node).ok()?.base().0;
+    kmap::early_map_device(base, drivers::bcm2835_pm::REGS_SIZE).ok()?;
+    drivers::bcm2835_pm::set_base(base as usize);
+    Some(base)
+}
+
+/// RAM from the firmware's mailbox when the device tree describes none (downstream Raspberry Pi
+/// trees leave `/memory reg = <0 0>` for the firmware to fill); says so when it is used. A memory
+/// node that does not parse counts as describing RAM, so that the memory map reports it.
+fn firmware_ram(dt: &DeviceTree<'_>, fw: Option<&drivers::bcm2835_mbox::FirmwareInfo>) -> Option<crate::mm::memmap::Region> {
+    if dt.memory().any(|r| r.map_or(true, |r| !r.is_empty())) {
+        return None;
+    }
+    let (base, size) = fw?.arm_memory?;
+    let ram = crate::mm::memmap::Region::new(PhysAddr(u64::from(base)), u64::from(size)).filter(|r| !r.is_empty())?;
+    println!("memory: the device tree describes no RAM; the firmware's mailbox gives {ram} ({})", HumanSize(ram.size()));
+    Some(ram)
 }
 
 /// Name of the CPU from MIDR (implementer Arm only; others by number).
@@ -191,7 +267,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         // SAFETY: as in `probe_dtb`.
         let err = unsafe { DeviceTree::from_ptr(dtb as *const u8) }.err();
         if let Some(uart) = EARLY_UART {
-            start_console(uart);
+            start_console(Uart::Pl011, uart);
         }
         match err {
             Some(e) => boot_error(format_args!("device tree from the boot loader at {dtb:#x}: {e}")),
@@ -210,7 +286,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         boot_error(format_args!("early page tables: {e}"));
     }
     if let Some(uart) = EARLY_UART {
-        start_console(uart);
+        start_console(Uart::Pl011, uart);
     }
 
     // SAFETY: the pointer passed the header probe and the whole blob is mapped; the memory map
@@ -226,14 +302,19 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         Ok(c) => c,
         Err(e) => boot_error(format_args!("/chosen/stdout-path: {e}")),
     };
-    if let Some((_, base)) = console {
-        if let Err(e) = kmap::early_map_device(base, PAGE_SIZE) {
+    let mut firmware_uart_setup = false;
+    if let Some((kind, base)) = console {
+        let Some((map_base, map_size)) = kind.mapping(base) else {
+            boot_error(format_args!("console at {base:#x}: not a {} register address", kind.name()));
+        };
+        if let Err(e) = kmap::early_map_device(map_base, map_size) {
             boot_error(format_args!("console at {base:#x}: {e}"));
         }
         if EARLY_UART != Some(base) {
-            start_console(base);
+            firmware_uart_setup = start_console(kind, base);
         }
     }
+    let power_manager = find_power_manager(&dt);
 
     let model = dt.model().ok().flatten().unwrap_or("unknown board");
     let midr = arch::cpu::midr();
@@ -254,8 +335,30 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         dt.totalsize()
     );
     match console {
-        Some((name, base)) => println!("console: {name} at {base:#x} (/chosen/stdout-path)"),
+        Some((Uart::MiniUart, base)) if firmware_uart_setup => {
+            println!("console: {} at {base:#x} (/chosen/stdout-path; the firmware's set-up kept)", Uart::MiniUart.name())
+        }
+        Some((Uart::MiniUart, base)) => println!(
+            "console: {} at {base:#x} (/chosen/stdout-path; enabled at {} baud assuming a {} MHz core clock)",
+            Uart::MiniUart.name(),
+            drivers::bcm2835_aux_uart::BAUD_RATE,
+            drivers::bcm2835_aux_uart::ASSUMED_CORE_CLOCK_HZ / 1_000_000
+        ),
+        Some((kind, base)) => println!("console: {} at {base:#x} (/chosen/stdout-path)", kind.name()),
         None => println!("console: none usable in /chosen/stdout-path"),
+    }
+    if let Some(base) = power_manager {
+        println!("power-off: bcm2835 power manager at {base:#x} (when neither semihosting nor PSCI answers)");
+    }
+    let firmware = match drivers::bcm2835_mbox::init(&dt) {
+        Ok(info) => info,
+        Err(e) => {
+            println!("firmware: mailbox: {e}");
+            None
+        }
+    };
+    if let Some(fw) = firmware {
+        println!("firmware: {fw} (mailbox)");
     }
 
     let cmdline = match dt.bootargs() {
@@ -271,7 +374,8 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
         println!("bootargs: unknown key `{}`, ignored", arg.key);
     }
 
-    let mut memmap = match MemoryMap::from_dt(&dt, PhysAddr(image.start)..PhysAddr(image.end)) {
+    let firmware_ram = firmware_ram(&dt, firmware.as_ref());
+    let mut memmap = match MemoryMap::from_dt_or_firmware(&dt, PhysAddr(image.start)..PhysAddr(image.end), firmware_ram) {
         Ok(m) => m,
         Err(e) => boot_error(format_args!("memory map: {e}")),
     };
@@ -324,6 +428,7 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
     }
     crate::smp::start_secondaries(&dt);
 
+    let console = console.map(|(kind, base)| (kind.name(), base));
     BOOT.call_once(|| BootInfo { dt, bootargs, memmap: Mutex::new(memmap), image, entry_level, console });
     let info = boot_info();
 
@@ -419,7 +524,11 @@ mod ktests {
         for r in info.dt.memory() {
             total += ktry!(r).size();
         }
-        kassert!(total > 0, "the DT describes no RAM");
+        if total == 0 {
+            // Downstream Raspberry Pi trees: the boot path took the RAM from the firmware.
+            total = crate::drivers::bcm2835_mbox::info().and_then(|i| i.arm_memory).map_or(0, |m| u64::from(m.1));
+        }
+        kassert!(total > 0, "neither the DT nor the firmware describes RAM");
         kassert_eq!(info.memmap.lock().total_ram(), total);
         Ok(())
     }

@@ -1,7 +1,20 @@
-//! Secondary CPUs: brought up by the device tree's `enable-method` (PSCI CPU_ON on QEMU virt;
-//! `spin-table` and `brcm,bcm2836-smp` are reported as not supported yet: they arrive with the
-//! Raspberry Pi work), numbered in DT order after the boot CPU (index 0), each with its own stack
-//! and its index in a CPU register (`arch::cpu::index`). A started CPU joins the boot CPU's
+//! Secondary CPUs: brought up by the device tree's `enable-method`, numbered in DT order after the
+//! boot CPU (index 0), each with its own stack and its index in a CPU register
+//! (`arch::cpu::index`). Three methods:
+//! - "psci": PSCI CPU_ON (QEMU virt, Pi 5), which passes the CPU its parameters' address;
+//! - "spin-table" (arm64 Pi 3/4 firmware stub, QEMU raspi3b/4b): the CPU waits in WFE polling its
+//!   `cpu-release-addr`; the boot CPU writes the entry's physical address there (64 bits), cleans
+//!   it to the point of coherency and sends an event;
+//! - "brcm,bcm2836-smp" (32-bit Pi 2/3/4 firmware stub, QEMU raspi2b): the CPU polls its BCM2836
+//!   local mailbox 3; the boot CPU writes the entry's physical address to that mailbox's set
+//!   register (the "brcm,bcm2836-l1-intc" block + 0x8c + 0x10 * core).
+//!
+//! The last two pass no argument, so those CPUs enter through `arch::cpu::secondary_trampoline`,
+//! which loads the parameters' address the boot CPU left in `arch::cpu::TRAMPOLINE_PARAMS`; the
+//! boot CPU releases them one at a time, and stops releasing after one does not come online (it
+//! might still read the shared address later). As Linux does, arm64 reads each CPU node's
+//! `enable-method`, 32-bit Arm the `/cpus` node's first (the Pi trees name "brcm,bcm2836-smp" there
+//! and "spin-table" in the CPU nodes, for the two kinds of kernel). A started CPU joins the boot CPU's
 //! translation regime (the final kernel tables) and waits for work: [`on_each_cpu`] runs a
 //! function on every online CPU at once and waits for all of them, which is how the stress run
 //! and the per-CPU benchmarks use them.
@@ -27,7 +40,7 @@ pub const MAX_CPUS: usize = 8;
 const STACK_SIZE: usize = 0x10000;
 
 /// What a secondary CPU's entry code (`secondary_entry`) loads, at the physical address PSCI
-/// passes it: the boot CPU's translation registers (`arch::mmu::secondary_regs`), its stack top
+/// passes it (or the trampoline finds in `arch::cpu::TRAMPOLINE_PARAMS`): the boot CPU's translation registers (`arch::mmu::secondary_regs`), its stack top
 /// and its index. Read with the MMU and caches off, so it is cleaned to the point of coherency
 /// before the CPU is started.
 #[repr(C, align(64))]
@@ -59,9 +72,65 @@ pub fn online() -> usize {
     ONLINE.load(Ordering::Acquire).count_ones() as usize
 }
 
-/// Starts every CPU of the device tree besides the boot CPU whose `enable-method` is PSCI, waits
-/// for each to come online (a bounded wait), and reports what it did. Returns the number of CPUs
-/// online. Called once, on the boot CPU, after the kernel tables are final.
+/// How a CPU is released.
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    Psci,
+    /// Write the entry to this physical address (the CPU's `cpu-release-addr`).
+    SpinTable(u64),
+    /// Write the entry to this mapped register (the CPU's local mailbox 3 set register).
+    Bcm2836Mailbox(usize),
+}
+
+impl Method {
+    /// Whether the CPU gets no argument and enters through the trampoline.
+    fn uses_trampoline(self) -> bool {
+        !matches!(self, Method::Psci)
+    }
+}
+
+/// Offset of core 0's local mailbox 3 set register in the BCM2836 local interrupt controller.
+const BCM2836_MAILBOX3_SET0: u64 = 0x8c;
+const BCM2836_L1_INTC: &str = "brcm,bcm2836-l1-intc";
+
+/// The method for `cpu` from the device tree (see the module documentation for which node's
+/// `enable-method` counts), or why it cannot be used.
+fn method_of(dt: &crate::dt::DeviceTree<'_>, cpu: &crate::dt::Cpu<'_>) -> Result<Method, &'static str> {
+    let cpus_node = dt.find_node("/cpus").and_then(|n| n.property("enable-method")).and_then(|p| p.as_str().ok());
+    let name = if cfg!(target_arch = "arm") { cpus_node.or(cpu.enable_method) } else { cpu.enable_method };
+    match name {
+        Some("psci") => Ok(Method::Psci),
+        Some("spin-table") => {
+            let addr = cpu.release_addr.ok_or("spin-table without cpu-release-addr")?;
+            let va = usize::try_from(addr).map_err(|_| "cpu-release-addr is out of reach")?;
+            // The table is RAM the linear map covers (the firmware's page at 0, kept by /memreserve/).
+            match crate::mm::kmap::translate(va as u64) {
+                None => Err("cpu-release-addr is not mapped"),
+                Some(t) if t.attr.is_device() => Err("cpu-release-addr is not RAM"),
+                Some(_) if addr % 8 != 0 => Err("cpu-release-addr is not 8-byte aligned"),
+                Some(_) => Ok(Method::SpinTable(addr)),
+            }
+        }
+        Some("brcm,bcm2836-smp") => {
+            let intc = dt.find_compatible(BCM2836_L1_INTC).next().ok_or("no brcm,bcm2836-l1-intc node")?;
+            let base = dt.reg0(&intc).map_err(|_| "brcm,bcm2836-l1-intc has no usable reg")?.base().0;
+            let core = cpu.mpidr & 0xff;
+            if core > 3 {
+                return Err("the BCM2836 local controller has mailboxes for cores 0-3 only");
+            }
+            let reg = base + BCM2836_MAILBOX3_SET0 + 0x10 * core;
+            let mapped = crate::mm::kmap::ioremap(reg, 4).map_err(|_| "cannot map the local controller")?;
+            Ok(Method::Bcm2836Mailbox(mapped))
+        }
+        Some(_) => Err("unknown enable-method"),
+        None => Err("no enable-method"),
+    }
+}
+
+/// Starts every CPU of the device tree besides the boot CPU, by its enable method (see the module
+/// documentation), waits for each to come online (a bounded wait), and reports what it did.
+/// Returns the number of CPUs online. Called once, on the boot CPU, after the kernel tables are
+/// final.
 pub fn start_secondaries(dt: &crate::dt::DeviceTree<'_>) -> usize {
     arch::cpu::set_index(0);
     let cpus = match dt.cpus() {
@@ -72,30 +141,38 @@ pub fn start_secondaries(dt: &crate::dt::DeviceTree<'_>) -> usize {
         }
     };
     let me = arch::cpu::mpidr();
+    // Which node is the boot CPU: the one with its MPIDR; failing that, its core number (Aff0).
+    // The Pi 2/3 trees give `reg = <0>`..<3> while the BCM2836 reports cluster 0xf in Aff1, and
+    // Linux then falls back the same way.
+    let exact = dt.cpus().is_ok_and(|mut c| c.any(|c| c.is_ok_and(|c| c.mpidr == me)));
+    let is_boot_cpu = |mpidr: u64| if exact { mpidr == me } else { mpidr & 0xff == me & 0xff };
     let regs = arch::mmu::secondary_regs();
     let mut next = 1;
-    for cpu in cpus.flatten().filter(|c| c.status == crate::dt::Status::Okay && c.mpidr != me) {
+    for cpu in cpus.flatten().filter(|c| c.status == crate::dt::Status::Okay && !is_boot_cpu(c.mpidr)) {
         if next >= MAX_CPUS {
             println!("smp: more than {MAX_CPUS} CPUs; {:#x} and the rest stay off", cpu.mpidr);
             break;
         }
-        match cpu.enable_method {
-            Some("psci") => {}
-            other => {
-                println!("smp: CPU {:#x}: enable-method {} not supported yet; it stays off", cpu.mpidr, other.unwrap_or("(none)"));
+        let method = match method_of(dt, &cpu) {
+            Ok(m) => m,
+            Err(why) => {
+                println!("smp: CPU {:#x}: {why} (enable-method {}); it stays off", cpu.mpidr, cpu.enable_method.unwrap_or("(none)"));
                 continue;
             }
-        }
-        if start(next, cpu.mpidr, regs) {
+        };
+        if start(next, cpu.mpidr, method, regs) {
             next += 1;
+        } else if method.uses_trampoline() {
+            println!("smp: not releasing more CPUs: a late one would read the next CPU's parameters");
+            break;
         }
     }
     println!("smp: {} CPU(s) online", online());
     online()
 }
 
-/// Starts CPU `mpidr` as index `index`; true once it is online.
-fn start(index: usize, mpidr: u64, regs: [u64; 4]) -> bool {
+/// Starts CPU `mpidr` as index `index` by `method`; true once it is online.
+fn start(index: usize, mpidr: u64, method: Method, regs: [u64; 4]) -> bool {
     extern "C" {
         static boot_stacks: u8;
     }
@@ -106,10 +183,35 @@ fn start(index: usize, mpidr: u64, regs: [u64; 4]) -> bool {
     *params = BootParams { regs, stack_top: (stacks + (index + 1) * STACK_SIZE) as u64, cpu: index as u64 };
     let addr = params as *const BootParams as usize;
     arch::cache::clean(addr, core::mem::size_of::<BootParams>());
+    if method.uses_trampoline() {
+        // Read by the released CPU with its MMU and caches off, before it knows anything else.
+        arch::cpu::TRAMPOLINE_PARAMS.store(addr, Ordering::Release);
+        arch::cache::clean(arch::cpu::TRAMPOLINE_PARAMS.as_ptr() as usize, core::mem::size_of::<usize>());
+    }
     arch::cache::dsb();
-    if let Err(e) = crate::drivers::psci::cpu_on(mpidr, arch::cpu::secondary_entry(), addr as u64) {
-        println!("smp: CPU {mpidr:#x}: PSCI CPU_ON failed: {e}");
-        return false;
+    let entry = arch::cpu::secondary_trampoline();
+    match method {
+        Method::Psci => {
+            if let Err(e) = crate::drivers::psci::cpu_on(mpidr, arch::cpu::secondary_entry(), addr as u64) {
+                println!("smp: CPU {mpidr:#x}: PSCI CPU_ON failed: {e}");
+                return false;
+            }
+        }
+        Method::SpinTable(release) => {
+            let release = release as usize;
+            // SAFETY: `method_of` checked that the release address is mapped, aligned RAM; it is
+            // the firmware's spin table, which this CPU's slot belongs to and nothing else uses.
+            unsafe { core::ptr::write_volatile(release as *mut u64, entry) };
+            // The waiting CPU polls memory with its caches off.
+            arch::cache::clean(release, 8);
+            arch::cpu::send_event();
+        }
+        Method::Bcm2836Mailbox(reg) => {
+            // SAFETY: `method_of` mapped this CPU's mailbox 3 set register; writing it is how the
+            // firmware's stub is told where to go (and only that CPU reads it).
+            unsafe { core::ptr::write_volatile(reg as *mut u32, entry as u32) };
+            arch::cpu::send_event();
+        }
     }
     let freq = arch::counter::frequency().max(1);
     let deadline = arch::counter::read().saturating_add(freq);
@@ -185,7 +287,7 @@ mod ktests {
         }
     }
 
-    /// Every CPU the DT offers with PSCI came online and runs work with its own index.
+    /// Every CPU the DT offers came online and runs work with its own index.
     fn every_cpu_runs_work() -> TestResult {
         let want = crate::kernel::boot_info().dt.cpu_count().unwrap_or(1).min(MAX_CPUS);
         kassert_eq!(online(), want, "CPUs online");

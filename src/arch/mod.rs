@@ -4,8 +4,10 @@
 //! - `NAME`;
 //! - `cpu::{mpidr, midr, exception_level_name, running_level_name, wait_forever,
 //!   undefined_instruction}`; for SMP `cpu::{index, set_index}` (the kernel's CPU number in a
-//!   per-CPU register), `cpu::{send_event, wait_for_event}` and `cpu::secondary_entry` (where
-//!   PSCI starts a secondary: `secondary_entry` in the boot assembly);
+//!   per-CPU register), `cpu::{send_event, wait_for_event}`, `cpu::secondary_entry` (where
+//!   PSCI starts a secondary: `secondary_entry` in the boot assembly) and
+//!   `cpu::{secondary_trampoline, TRAMPOLINE_PARAMS}` (where a CPU released without an argument,
+//!   by a spin table or a BCM2836 mailbox, starts: it loads its parameters from that static);
 //! - `counter::{read, frequency}`: the generic timer's physical count;
 //! - `cache::{line_size, clean, invalidate, clean_invalidate}` over virtual address ranges (to the
 //!   point of coherency), `cache::{dsb, isb}`, and `cache::zero_pages` (whole pages of Normal

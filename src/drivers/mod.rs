@@ -3,6 +3,11 @@
 //! and exist only in the kernel build.
 
 #[cfg(target_os = "none")]
+pub mod bcm2835_aux_uart;
+pub mod bcm2835_mbox;
+#[cfg(target_os = "none")]
+pub mod bcm2835_pm;
+#[cfg(target_os = "none")]
 pub mod edu;
 pub mod pci;
 #[cfg(target_os = "none")]

@@ -94,4 +94,8 @@ impl crate::console::Console for Pl011 {
             self.put(b);
         }
     }
+
+    fn flush(&self) {
+        Pl011::flush(self);
+    }
 }

@@ -218,7 +218,10 @@ pub unsafe fn early_enable(ranges: &[EarlyRange], image: &ImageLayout) -> Result
 static EARLY_PT: Mutex<Option<PageTable<PagePool>>> = Mutex::new(None);
 
 /// Device ranges mapped early; [`build`] maps them again in the final tables.
-static EARLY_DEVICES: Mutex<([(u64, u64); 4], usize)> = Mutex::new(([(0, 0); 4], 0));
+static EARLY_DEVICES: Mutex<([(u64, u64); MAX_EARLY_DEVICES], usize)> = Mutex::new(([(0, 0); MAX_EARLY_DEVICES], 0));
+/// The early UART, the console, and on a Raspberry Pi the firmware mailbox and the power manager,
+/// with room to spare.
+const MAX_EARLY_DEVICES: usize = 8;
 
 fn remember_device(base: u64, size: u64) {
     let mut d = EARLY_DEVICES.lock();
@@ -230,7 +233,7 @@ fn remember_device(base: u64, size: u64) {
 }
 
 /// Map a device into the early tables (before [`build`]), e.g. the console the DT names. At most
-/// four such ranges are carried over into the final tables.
+/// [`MAX_EARLY_DEVICES`] such ranges are carried over into the final tables.
 pub fn early_map_device(pa: u64, size: u64) -> Result<(), KmapError> {
     let mut guard = EARLY_PT.lock();
     let pt = guard.as_mut().ok_or(KmapError::NotMmio { base: pa, size })?;

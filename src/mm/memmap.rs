@@ -390,9 +390,27 @@ impl MemoryMap {
     /// itself (at [`DeviceTree::phys_region`]) and the initrd. See the module documentation for
     /// what is an error.
     pub fn from_dt(dt: &DeviceTree<'_>, kernel: Range<PhysAddr>) -> Result<MemoryMap, MemMapError> {
+        Self::from_dt_or_firmware(dt, kernel, None)
+    }
+
+    /// As [`MemoryMap::from_dt`], with `firmware_ram` as the RAM when the device tree describes
+    /// none (no memory node, or only zero-sized `reg`s: the Raspberry Pi's downstream trees leave
+    /// `/memory reg = <0 0>` for the firmware to fill, and the firmware's mailbox tells the same).
+    /// A malformed memory node is still an error, and RAM from the tree always wins. Without
+    /// either, [`MemMapError::NoRam`].
+    pub fn from_dt_or_firmware(
+        dt: &DeviceTree<'_>,
+        kernel: Range<PhysAddr>,
+        firmware_ram: Option<Region>,
+    ) -> Result<MemoryMap, MemMapError> {
         let mut map = MemoryMap::new();
         for bank in dt.memory() {
             map.add_ram(bank?)?;
+        }
+        if map.nram == 0 {
+            if let Some(ram) = firmware_ram {
+                map.add_ram(ram)?;
+            }
         }
         if map.nram == 0 {
             return Err(MemMapError::NoRam);
@@ -824,6 +842,56 @@ mod tests {
                 (0x801_6000, 0x3c00_0000)
             ]
         );
+    }
+
+    #[test]
+    fn firmware_ram_fills_an_empty_memory_node() {
+        // Downstream Pi 3 tree as the firmware hands it over unfilled: memory@0 reg = <0 0>. The
+        // mailbox's ARM memory (QEMU: 0 + 0x3c000000) becomes the RAM; the tree's reservations
+        // still apply.
+        let fw = Region::new(pa(0), 0x3c00_0000);
+        let dt = dt_at(RPI3B_DOWNSTREAM, 0x0800_0000);
+        let m = MemoryMap::from_dt_or_firmware(&dt, pa(0x8_0000)..pa(0x10_0000), fw).unwrap();
+        assert_eq!(spans(m.ram().iter().copied()), [(0, 0x3c00_0000)]);
+        let kinds: Vec<_> = res_spans(&m).iter().map(|r| (r.0, r.2)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, ReservationKind::MemReserve),
+                (0x8_0000, ReservationKind::Kernel),
+                (0x800_0000, ReservationKind::Dtb)
+            ]
+        );
+        // Pi 4 (2/1 cells, reg = <0 0 0>): the same.
+        let dt = dt_at(RPI4B_DOWNSTREAM, 0x0800_0000);
+        let m = MemoryMap::from_dt_or_firmware(&dt, pa(0x20_0000)..pa(0x30_0000), fw).unwrap();
+        assert_eq!(spans(m.ram().iter().copied()), [(0, 0x3c00_0000)]);
+        // Without the firmware's answer the refusal stays.
+        for bytes in [RPI3B_DOWNSTREAM, NO_MEMORY, ZERO_MEMORY] {
+            let e = MemoryMap::from_dt_or_firmware(&dt_at(bytes, 0x0800_0000), pa(0x8_0000)..pa(0x10_0000), None);
+            assert_eq!(e.unwrap_err(), MemMapError::NoRam);
+        }
+        // A tree that describes RAM keeps its own (QEMU's raspi3b rewrite), whatever the firmware says.
+        let dt = dt_at(QEMU_RASPI3B, 0x0800_0000);
+        let other = Region::new(pa(0), 0x1000_0000);
+        let m = MemoryMap::from_dt_or_firmware(&dt, pa(0x8_0000)..pa(0x10_0000), other).unwrap();
+        assert_eq!(spans(m.ram().iter().copied()), [(0, 0x3c00_0000)]);
+        // The kernel must still lie inside the firmware's RAM.
+        let small = Region::new(pa(0), 0x4_0000);
+        let e = MemoryMap::from_dt_or_firmware(&dt_at(RPI3B_DOWNSTREAM, 0x2_0000), pa(0x8_0000)..pa(0x10_0000), small);
+        assert!(matches!(e, Err(MemMapError::OutsideRam { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn pi5_firmware_region_is_a_no_map_reservation() {
+        // bcm2712 downstream: atf@0 (BL31, 512 KiB) no-map; kernel at 0x200000.
+        let dt = dt_at(RPI5B_DOWNSTREAM, 0x0800_0000);
+        let m = MemoryMap::from_dt(&dt, pa(0x20_0000)..pa(0x30_0000)).unwrap();
+        assert_eq!(spans(m.ram().iter().copied()), [(0, 0x2800_0000)]);
+        let atf = m.reservations().iter().find(|r| r.name.as_str() == "atf@0").unwrap();
+        assert_eq!(atf.kind, ReservationKind::ReservedMemory { no_map: true });
+        assert_eq!((atf.region.base().0, atf.region.size()), (0, 0x8_0000));
+        assert!(m.free_ranges().all(|f| f.base().0 >= 0x8_0000), "{:?}", spans(m.free_ranges()));
     }
 
     #[test]

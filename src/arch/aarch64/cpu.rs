@@ -78,3 +78,30 @@ pub fn secondary_entry() -> u64 {
     }
     secondary_entry as *const () as usize as u64
 }
+
+/// The physical address of the `BootParams` of the next CPU released through the trampoline.
+/// The boot CPU stores it, cleans it to the point of coherency (the released CPU reads it with the
+/// MMU and caches off) and releases one CPU at a time.
+pub static TRAMPOLINE_PARAMS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+// Spin-table CPUs start with no argument (x0 = 0), unlike PSCI's context id: load the parameters'
+// address the boot CPU left in TRAMPOLINE_PARAMS, then go on as a PSCI-started CPU. PC-relative,
+// so it works at the physical address with the MMU off.
+core::arch::global_asm!(
+    ".section .text.secondary_trampoline, \"ax\"",
+    ".global secondary_trampoline",
+    "secondary_trampoline:",
+    "    adrp x0, {params}",
+    "    ldr x0, [x0, :lo12:{params}]",
+    "    b secondary_entry",
+    params = sym TRAMPOLINE_PARAMS,
+);
+
+/// The physical address a CPU released without an argument (spin-table) starts at: the
+/// trampoline that loads [`TRAMPOLINE_PARAMS`] and continues at `secondary_entry`.
+pub fn secondary_trampoline() -> u64 {
+    extern "C" {
+        fn secondary_trampoline();
+    }
+    secondary_trampoline as *const () as usize as u64
+}

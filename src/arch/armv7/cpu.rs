@@ -91,3 +91,36 @@ pub fn secondary_entry() -> u64 {
     }
     (secondary_entry as *const () as usize as u64) & !1
 }
+
+/// The physical address of the `BootParams` of the next CPU released through the trampoline.
+/// The boot CPU stores it, cleans it to the point of coherency (the released CPU reads it with the
+/// MMU and caches off) and releases one CPU at a time.
+pub static TRAMPOLINE_PARAMS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+// CPUs released through the BCM2836 local mailboxes (or a spin table) start with no argument,
+// unlike PSCI's context id: load the parameters' address the boot CPU left in TRAMPOLINE_PARAMS,
+// then go on as a PSCI-started CPU (in HYP or SVC mode, which secondary_entry handles). A32 code,
+// PC-relative (the add reads pc as its own address + 8), so it works with the MMU off.
+core::arch::global_asm!(
+    ".section .text.secondary_trampoline, \"ax\"",
+    ".arm",
+    ".global secondary_trampoline",
+    ".type secondary_trampoline, %function",
+    "secondary_trampoline:",
+    "    movw r0, #:lower16:({params} - (.Ltrampoline_pc + 8))",
+    "    movt r0, #:upper16:({params} - (.Ltrampoline_pc + 8))",
+    ".Ltrampoline_pc:",
+    "    add r0, pc, r0",
+    "    ldr r0, [r0]",
+    "    b secondary_entry",
+    params = sym TRAMPOLINE_PARAMS,
+);
+
+/// The physical address a CPU released without an argument starts at, in A32 state: the
+/// trampoline that loads [`TRAMPOLINE_PARAMS`] and continues at `secondary_entry`.
+pub fn secondary_trampoline() -> u64 {
+    extern "C" {
+        fn secondary_trampoline();
+    }
+    (secondary_trampoline as *const () as usize as u64) & !1
+}

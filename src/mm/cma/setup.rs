@@ -515,8 +515,10 @@ mod ktests {
         Ok(Some(CmaArg { size, start, end }))
     }
 
+    /// The RAM the kernel runs with: the DT's, or the firmware's when the DT describes none (the
+    /// memmap suite checks the two agree).
     fn total_ram() -> u64 {
-        crate::kernel::boot_info().dt.memory().filter_map(Result::ok).map(|r| r.size()).sum()
+        crate::kernel::boot_info().memmap.lock().total_ram()
     }
 
     /// The reusable shared-dma-pool nodes of the DT.
@@ -884,6 +886,52 @@ pub(crate) mod tests {
         assert_eq!((a.name(), a.size()), ("linux,cma", 64 << 20));
         assert!(a.end().as_u64() <= 0x3000_0000, "{a:?}");
         assert_eq!(a.base(), PhysAddr(0x2c00_0000));
+    }
+
+    #[test]
+    fn raspberry_pi_4_firmware_ram_keeps_cma_in_alloc_ranges() {
+        // The downstream Pi 4 tree as the firmware hands it over unfilled (reg = <0 0 0>), RAM
+        // from the mailbox as on a 4 GiB board's first bank (0 + 0x3b400000): the 64 MiB area goes
+        // top-down inside alloc-ranges <0 0 0x30000000>, not at the top of RAM.
+        let dt = open(RPI4B_DOWNSTREAM, 0x0800_0000);
+        let fw = Region::new(PhysAddr(0), 0x3b40_0000);
+        let mut m = MemoryMap::from_dt_or_firmware(&dt, PhysAddr(0x20_0000)..PhysAddr(0x30_0000), fw).unwrap();
+        let s = CmaSetup::new(&dt, None, &mut m);
+        assert_eq!(spans(&s), [("linux,cma", 0x2c00_0000, 64 << 20)]);
+        assert_eq!(cma_reservations(&m), [(0x2c00_0000, 64 << 20, "linux,cma".to_string())]);
+    }
+
+    #[test]
+    fn raspberry_pi_5_cma_avoids_the_no_map_firmware() {
+        // bcm2712: atf@0 no-map 0 + 512 KiB; linux,cma 64 MiB in alloc-ranges 0-0x40000000; RAM
+        // 0-0x28000000. With a small RAM left below the firmware the area must still miss it:
+        // a 4 MiB alloc-ranges hole at 0 holds only the atf region and the kernel.
+        let dt = open(RPI5B_DOWNSTREAM, 0x0800_0000);
+        let mut m = MemoryMap::from_dt(&dt, PhysAddr(0x20_0000)..PhysAddr(0x30_0000)).unwrap();
+        let s = CmaSetup::new(&dt, None, &mut m);
+        assert_eq!(spans(&s), [("linux,cma", 0x2400_0000, 64 << 20)]);
+        let a = s.default_area().unwrap();
+        assert!(a.base().as_u64() >= 0x8_0000);
+        // The same layout with RAM cut to 68 MiB and the kernel and blob above 64 MiB: the only
+        // 64 MiB hole would start at 0, over the no-map firmware, so the area is refused rather
+        // than placed there.
+        let blob = {
+            let mut w = FdtWriter::new();
+            w.cells("#address-cells", &[2]).cells("#size-cells", &[2]);
+            w.begin("memory@0").str("device_type", "memory").cells("reg", &[0, 0, 0, 0x440_0000]).end();
+            w.begin("reserved-memory").cells("#address-cells", &[2]).cells("#size-cells", &[2]).prop("ranges", &[]);
+            w.begin("atf@0").prop("no-map", &[]).cells("reg", &[0, 0, 0, 0x8_0000]).end();
+            pool(&mut w, "linux,cma", |w| {
+                w.cells("size", &hi_lo(64 << 20)).cells("alloc-ranges", &[0, 0, 0, 0x4000_0000]).prop("linux,cma-default", &[]);
+            });
+            w.end();
+            w.finish()
+        };
+        let dt = open(&blob, 0x410_0000);
+        let mut m = MemoryMap::from_dt(&dt, PhysAddr(0x420_0000)..PhysAddr(0x430_0000)).unwrap();
+        let s = CmaSetup::new(&dt, None, &mut m);
+        assert!(s.areas.iter().all(|a| a.area.base().as_u64() >= 0x8_0000), "{:?}", s.log);
+        assert!(s.refusals.iter().any(|r| r.name.as_str() == "linux,cma"), "{:?}", s.log);
     }
 
     fn pool(w: &mut FdtWriter, name: &str, props: impl FnOnce(&mut FdtWriter)) {
