@@ -34,9 +34,9 @@ Options:
   --dtb FILE             boot with this DTB instead of the one QEMU generates
   --dtb-raw FILE         place FILE in RAM byte for byte (at RAM base + 128 MiB) and pass its
                          address to the kernel, bypassing QEMU's own DTB handling: for checking
-                         how the kernel treats a malformed blob QEMU itself would refuse (virt)
-  --dtb-ptr ADDR         pass ADDR as the DTB pointer (with --dtb-raw, or alone: e.g. 0 for none;
-                         virt)
+                         how the kernel treats a malformed blob QEMU itself would refuse, or (on
+                         raspi) a /memory QEMU would rewrite, as the Pi firmware's DTBs leave it
+  --dtb-ptr ADDR         pass ADDR as the DTB pointer (with --dtb-raw, or alone: e.g. 0 for none)
   --icount               deterministic timing: one instruction = 1 ns of virtual time
   --gdb                  wait for gdb on :1234 and print the gdb command line
   --timeout SECONDS      kill QEMU after this long and fail (default 120; 0 = none)
@@ -112,7 +112,7 @@ if [ -n "$board_arch" ]; then
     for fixed in "mem:$mem" "smp:$smp" "cpu:$cpu"; do
         [ -z "${fixed#*:}" ] || { echo "qemu-run.sh: --${fixed%%:*} does not apply to $machine: RAM, CPUs and CPU model are the board's" >&2; exit 2; }
     done
-    [ -z "$dtb_raw$dtb_ptr" ] || { echo "qemu-run.sh: --dtb-raw and --dtb-ptr work with --machine virt only" >&2; exit 2; }
+    [ -z "$dtb" ] || [ -z "$dtb_raw$dtb_ptr" ] || { echo "qemu-run.sh: --dtb and --dtb-raw/--dtb-ptr exclude each other" >&2; exit 2; }
 else
     : "${mem:=1G}" "${smp:=1}"
     case "$arch" in aarch64) : "${cpu:=cortex-a57}" ;; armv7) : "${cpu:=cortex-a15}" ;; esac
@@ -163,10 +163,10 @@ if [ -n "$board_arch" ] && ! "$qemu" -M help | grep -q "^$machine "; then
     echo "qemu-run.sh: SKIP: $("$qemu" --version | head -n 1) has no $machine machine (QEMU 9.0 and later have raspi4b)" >&2
     exit 77
 fi
-if [ -n "$board_arch" ] && [ -z "$dtb" ]; then
+if [ -n "$board_arch" ] && [ -z "$dtb$dtb_raw$dtb_ptr" ]; then
     command -v dtc >/dev/null 2>&1 || { echo "qemu-run.sh: $machine needs a DTB: install dtc (apt-get install device-tree-compiler) or pass --dtb" >&2; exit 2; }
-    dtb="$here/target/dtb/$machine.dtb"
-    mkdir -p "$here/target/dtb"
+    dtb="$here/target/kernel/$machine.dtb"
+    mkdir -p "$here/target/kernel"
     dtc -q -I dts -O dtb -o "$dtb.tmp.$$" "$here/tests/dts/$machine.dts"
     mv -f "$dtb.tmp.$$" "$dtb"
 fi
@@ -184,10 +184,17 @@ if [ -n "$dtb_raw" ] || [ -n "$dtb_ptr" ]; then
     # Play the boot loader ourselves: the image and the blob go into RAM as they are, and a
     # five-instruction stub loads the DTB register and jumps to the image. QEMU's virt RAM starts
     # at 1 GiB, where QEMU still puts its own DTB (1 MiB) for firmware; everything goes above it.
-    ram=0x40000000
+    # The raspi machines keep -kernel, which places the image (at 0x200000 with the arm64 header,
+    # 0x10000 on armv7) and sets up the secondary CPUs' spin code; the stub only replaces how
+    # the boot CPU enters.
+    case "$machine:$arch" in
+        virt:*) ram=0x40000000 load=$((0x40200000)) ;;
+        *:aarch64) ram=0 load=$((0x200000)) ;;
+        *:armv7) ram=0 load=$((0x10000)) ;;
+    esac
     blob=$((ram + 0x8000000))
     ptr=$(( ${dtb_ptr:-$blob} ))
-    load=$((ram + 0x200000)) entry=$((ram + 0x1ff000))
+    entry=$((load - 0x1000))
     stub=$(mktemp "${TMPDIR:-/tmp}/dmakern-dtb-stub.XXXXXX")
     cleanup+=("$stub")
     lo=$((ptr & 0xffff)) hi=$(((ptr >> 16) & 0xffff)) klo=$((load & 0xffff)) khi=$(((load >> 16) & 0xffff))
@@ -202,8 +209,12 @@ if [ -n "$dtb_raw" ] || [ -n "$dtb_ptr" ]; then
     for w in $words; do
         for shift in 0 8 16 24; do printf "\\$(printf %03o $(( (w >> shift) & 255 )))" >> "$stub"; done
     done
-    args+=(-device "loader,file=$img,addr=$load,force-raw=on"
-           -device "loader,file=$stub,addr=$entry,force-raw=on,cpu-num=0")
+    if [ -n "$board_arch" ]; then
+        args+=(-kernel "$img")
+    else
+        args+=(-device "loader,file=$img,addr=$load,force-raw=on")
+    fi
+    args+=(-device "loader,file=$stub,addr=$entry,force-raw=on,cpu-num=0")
     [ -n "$dtb_raw" ] && args+=(-device "loader,file=$dtb_raw,addr=$blob,force-raw=on")
 else
     args+=(-kernel "$img")

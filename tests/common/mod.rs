@@ -51,6 +51,37 @@ pub fn dtb(name: &str) -> PathBuf {
     out
 }
 
+/// A real upstream DTB from Debian's kernel packages (tests/hil/fetch-debian.sh fetches them once
+/// into a cache outside the repository). `None`, with the reason printed, when they cannot be had
+/// (no apt, no network): the caller skips.
+pub fn debian_dtb(name: &str) -> Option<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let out = Command::new(root().join("tests/hil/fetch-debian.sh")).current_dir(root()).output().expect("run tests/hil/fetch-debian.sh");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("dtb_dir="))
+                .map(PathBuf::from)
+                .ok_or_else(|| "fetch-debian.sh printed no dtb_dir".to_string()),
+            Some(77) => Err(stderr.lines().last().unwrap_or("unavailable").to_string()),
+            other => panic!("tests/hil/fetch-debian.sh failed ({other:?}):\n{stderr}"),
+        }
+    });
+    match dir {
+        Ok(d) => {
+            let p = d.join(name);
+            assert!(p.is_file(), "{} missing from the Debian DTB cache", p.display());
+            Some(p)
+        }
+        Err(why) => {
+            eprintln!("SKIP {name}: {why}");
+            None
+        }
+    }
+}
+
 /// A finished boot.
 pub struct Boot {
     pub name: String,
