@@ -7,7 +7,11 @@
 //!   says which): the same pages cleaned and invalidated, then mapped uncached (window) or
 //!   changed in place, and undone with TLB invalidation at the free;
 //! - `atomic`: a non-coherent device that cannot block: the pre-mapped atomic pool (its 256 KiB
-//!   default holds 64 pages, so the 256-page case is refused and reported).
+//!   default holds 64 pages, so the 256-page case is refused and reported);
+//! - `iommu`: a coherent device behind the SMMU (`-M virt,iommu=smmuv3`), in a strict domain of
+//!   its own: pages from the page allocator, zeroed, an IOVA and the IO page-table entries; the
+//!   free unmaps and invalidates the IOTLB before the IOVA is reused. Without an SMMU it says so
+//!   and reports nothing.
 //!
 //! Each entry prints `pair_mean` and `pair_stddev` (allocation + free) and `alloc_mean`,
 //! `free_mean`, in ns with the PMU counter's reads subtracted; under `--icount` a nanosecond is
@@ -34,6 +38,7 @@ enum Kind {
     Direct,
     Remap,
     Atomic,
+    Iommu,
 }
 
 fn run(rec: &Recorder, kind: Kind, pages: u64) {
@@ -42,6 +47,10 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
         Kind::Direct => (Device::with_bus("bench-coherent", BusMap::IDENTITY, true), GfpFlags::KERNEL),
         Kind::Remap => (Device::with_bus("bench-remap", BusMap::IDENTITY, false), GfpFlags::KERNEL),
         Kind::Atomic => (Device::with_bus("bench-atomic", BusMap::IDENTITY, false), GfpFlags::ATOMIC),
+        Kind::Iommu => match super::dma::iommu_device(true) {
+            Some(d) => (d, GfpFlags::KERNEL),
+            None => return rec.note(format_args!("no SMMU (-M virt,iommu=smmuv3)")),
+        },
     };
     let c = Cycles::start();
     let ovh = read_overhead(&c);
@@ -66,6 +75,7 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
         "{n} allocation+free pairs of {pages} page(s){}; {} counter, its reads ({} counts) subtracted",
         match kind {
             Kind::Remap => alloc::format!(", dma.remap={}", strategy()),
+            Kind::Iommu => alloc::string::String::from(", through a strict SMMU domain"),
             _ => alloc::string::String::new(),
         },
         if c.is_pmu() { "PMU cycle" } else { "generic timer" },
@@ -130,3 +140,6 @@ entry!(remap_256, Remap, 256);
 entry!(atomic_1, Atomic, 1);
 entry!(atomic_16, Atomic, 16);
 entry!(atomic_256, Atomic, 256);
+entry!(iommu_1, Iommu, 1);
+entry!(iommu_16, Iommu, 16);
+entry!(iommu_256, Iommu, 256);

@@ -8,6 +8,7 @@
 use crate::arch::counter;
 
 /// A started cycle counter and its calibration.
+#[derive(Clone, Copy)]
 pub struct Cycles {
     /// Picoseconds per count, measured.
     ps_per_count: u64,
@@ -34,6 +35,17 @@ impl Cycles {
         c
     }
 
+    /// The same counter on the calling CPU (each CPU has its own PMU): enables it there and keeps
+    /// this calibration (QEMU clocks every CPU's cycle counter from the same virtual time). Falls
+    /// back to the generic timer, recalibrated, if this CPU has no PMU.
+    pub fn on_this_cpu(&self) -> Cycles {
+        if self.pmu && arch::enable() {
+            *self
+        } else {
+            Cycles::start()
+        }
+    }
+
     /// Whether the PMU counts (else the generic timer does).
     pub fn is_pmu(&self) -> bool {
         self.pmu
@@ -47,6 +59,12 @@ impl Cycles {
         } else {
             counter::read()
         }
+    }
+
+    /// Counts from `c0` to `c1` (two [`Cycles::read`]s), modulo the counter's width.
+    #[inline(always)]
+    pub fn elapsed(&self, c0: u64, c1: u64) -> u64 {
+        self.delta(c0, c1)
     }
 
     /// Counts from `c0` to `c1`, modulo the counter's width.

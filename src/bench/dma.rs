@@ -30,7 +30,7 @@ use crate::dma::{Device, GfpFlags};
 use crate::mm::addr::PAGE_SIZE;
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     DirectCoherent,
     DirectNoncoherent,
     Swiotlb,
@@ -43,7 +43,7 @@ enum Kind {
 const BENCH_SIDS: [u32; 2] = [0xfe, 0xff];
 
 /// A coherent device behind the first SMMU, in a domain of its own, strict or lazy.
-fn iommu_device(strict: bool) -> Option<Device> {
+pub(super) fn iommu_device(strict: bool) -> Option<Device> {
     let smmu = *crate::iommu::smmuv3::smmus().first()?;
     let sid = BENCH_SIDS[strict as usize];
     let d = crate::dma::iommu::attach_with_policy(smmu, sid, strict).ok()?;
@@ -112,6 +112,26 @@ fn measure(c: &Cycles, dev: &Device, phys: crate::mm::addr::PhysAddr, size: u64,
     Ok(run)
 }
 
+/// The device that `kind` measures, or why there is none on this machine.
+#[inline(always)]
+pub(super) fn bench_device(kind: Kind) -> Result<Device, &'static str> {
+    match kind {
+        Kind::DirectCoherent => Ok(Device::with_bus("bench-coherent", BusMap::IDENTITY, true)),
+        Kind::DirectNoncoherent => Ok(Device::with_bus("bench-noncoherent", BusMap::IDENTITY, false)),
+        Kind::Swiotlb => {
+            let pool = platform_pool().ok_or("no platform bounce pool")?;
+            // A bus window over the pool alone: every buffer outside it bounces.
+            let bus = Window::new(pool.base(), DmaAddr(pool.base().0), pool.size())
+                .and_then(|w| BusMap::from_windows(&[w]).ok())
+                .ok_or("no bus map over the pool")?;
+            Ok(Device::with_bus("bench-swiotlb", bus, true))
+        }
+        Kind::IommuStrict | Kind::IommuLazy => {
+            iommu_device(matches!(kind, Kind::IommuStrict)).ok_or("no SMMU (-M virt,iommu=smmuv3)")
+        }
+    }
+}
+
 fn run(rec: &Recorder, kind: Kind, pages: u64) {
     let size = pages * PAGE_SIZE;
     let source = Device::with_bus("bench-source", BusMap::IDENTITY, true);
@@ -119,23 +139,9 @@ fn run(rec: &Recorder, kind: Kind, pages: u64) {
         Ok(b) => b,
         Err(e) => return rec.note(format_args!("no {size:#x}-byte buffer: {e}")),
     };
-    let dev = match kind {
-        Kind::DirectCoherent => Device::with_bus("bench-coherent", BusMap::IDENTITY, true),
-        Kind::DirectNoncoherent => Device::with_bus("bench-noncoherent", BusMap::IDENTITY, false),
-        Kind::Swiotlb => {
-            let Some(pool) = platform_pool() else {
-                return rec.note(format_args!("no platform bounce pool"));
-            };
-            // A bus window over the pool alone: every buffer outside it bounces.
-            match Window::new(pool.base(), DmaAddr(pool.base().0), pool.size()).and_then(|w| BusMap::from_windows(&[w]).ok()) {
-                Some(bus) => Device::with_bus("bench-swiotlb", bus, true),
-                None => return rec.note(format_args!("no bus map over the pool")),
-            }
-        }
-        Kind::IommuStrict | Kind::IommuLazy => match iommu_device(matches!(kind, Kind::IommuStrict)) {
-            Some(d) => d,
-            None => return rec.note(format_args!("no SMMU (-M virt,iommu=smmuv3)")),
-        },
+    let dev = match bench_device(kind) {
+        Ok(d) => d,
+        Err(why) => return rec.note(format_args!("{why}")),
     };
     let forced = platform_pool().is_some_and(|p| p.is_forced());
     let c = Cycles::start();
@@ -191,13 +197,17 @@ entry!(direct_noncoherent_1m, DirectNoncoherent, 256);
 entry!(direct_noncoherent_4m, DirectNoncoherent, 1024);
 entry!(swiotlb_4k, Swiotlb, 1);
 entry!(swiotlb_64k, Swiotlb, 16);
+entry!(swiotlb_256k, Swiotlb, 64);
 entry!(swiotlb_1m, Swiotlb, 256);
 entry!(swiotlb_4m, Swiotlb, 1024);
 entry!(iommu_strict_4k, IommuStrict, 1);
 entry!(iommu_strict_64k, IommuStrict, 16);
 entry!(iommu_strict_1m, IommuStrict, 256);
+entry!(iommu_strict_4m, IommuStrict, 1024);
 entry!(iommu_lazy_4k, IommuLazy, 1);
+entry!(iommu_lazy_64k, IommuLazy, 16);
 entry!(iommu_lazy_1m, IommuLazy, 256);
+entry!(iommu_lazy_4m, IommuLazy, 1024);
 
 /// The IOVA allocator's fast path: allocation + free of one page from the current CPU's
 /// magazines, in a space of its own (39 bits, like a domain's), warm.
@@ -224,4 +234,80 @@ pub fn iova_alloc_free(rec: &Recorder) {
     rec.result("stddev", ns(&c, s.stddev * 1000, 0), "ns");
     let st = space.stats();
     rec.note(format_args!("2048 alloc+free pairs of one page after 64 warm-up pairs; fast-path hits {} of {}", st.fast_hits, st.allocations));
+}
+
+/// Allocations of 1 to 64 pages that populate the slow-path benchmarks' space (half are freed
+/// again before the timing).
+const SLOW_POPULATION: usize = 2048;
+
+/// The IOVA allocator's slow path, its tree of allocations and gaps behind the range caches, in
+/// a space made ragged first: [`SLOW_POPULATION`] allocations of 1 to 64 pages (fixed-seed
+/// random), half of them freed again at random, so the search meets gaps of every size.
+/// `tree_only`: [`IovaSpace::alloc`]/[`IovaSpace::free`], which bypass the caches (the cost of a
+/// cache miss); else `alloc_fast`/`free_fast` as dma-iommu calls them, with a size no cache holds.
+///
+/// [`IovaSpace::alloc`]: crate::iommu::iova::IovaSpace::alloc
+/// [`IovaSpace::free`]: crate::iommu::iova::IovaSpace::free
+fn iova_slow(rec: &Recorder, pages: u64, tree_only: bool) {
+    let Ok(space) = crate::iommu::iova::IovaSpace::new(0, (1 << 39) - 1) else {
+        return rec.note(format_args!("no IOVA space"));
+    };
+    let mut rng = super::cma::Rng::new();
+    let mut live = Vec::with_capacity(SLOW_POPULATION);
+    for _ in 0..SLOW_POPULATION {
+        let n = 1 + rng.below(64);
+        match space.alloc(n, u64::MAX) {
+            Ok(iova) => live.push((iova, n)),
+            Err(e) => return rec.note(format_args!("populating the space: {e}")),
+        }
+    }
+    for _ in 0..SLOW_POPULATION / 2 {
+        let (iova, n) = live.swap_remove(rng.below(live.len() as u64) as usize);
+        if let Err(e) = space.free(iova, n) {
+            return rec.note(format_args!("populating the space: {e}"));
+        }
+    }
+    let cpu = crate::smp::cpu_index();
+    let c = Cycles::start();
+    let ovh = read_overhead(&c);
+    let n = 1024;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (r, t) = c.timed(|| {
+            if tree_only {
+                space.alloc(pages, u64::MAX).and_then(|iova| space.free(iova, pages))
+            } else {
+                space.alloc_fast(cpu, pages, u64::MAX).and_then(|iova| space.free_fast(cpu, iova, pages))
+            }
+        });
+        if let Err(e) = r {
+            return rec.note(format_args!("alloc+free refused: {e}"));
+        }
+        samples.push(t);
+    }
+    let s = stats(&samples);
+    rec.result("mean", ns(&c, s.mean_milli, ovh), "ns");
+    rec.result("stddev", ns(&c, s.stddev * 1000, 0), "ns");
+    let st = space.stats();
+    rec.note(format_args!(
+        "{n} alloc+free pairs of {pages} page(s) through {} in a 39-bit space holding {} random \
+         allocations of 1-64 pages ({} pages); fast-path hits {} of {}; {} counter, its reads ({} counts) subtracted",
+        if tree_only { "alloc/free (the tree, bypassing the range caches)" } else { "alloc_fast/free_fast (a size no range cache holds: the tree)" },
+        live.len(),
+        st.allocated_pages,
+        st.fast_hits,
+        st.allocations,
+        if c.is_pmu() { "PMU cycle" } else { "generic timer" },
+        ovh / 1000,
+    ));
+}
+
+/// One page through the tree alone: what an allocation costs when the CPU's cache is empty.
+pub fn iova_alloc_free_slow_1(rec: &Recorder) {
+    iova_slow(rec, 1, true);
+}
+
+/// 64 pages, the smallest size above the range caches' largest (32), as dma-iommu allocates it.
+pub fn iova_alloc_free_slow_64(rec: &Recorder) {
+    iova_slow(rec, 64, false);
 }

@@ -16,6 +16,8 @@ mod cma;
 mod coherent;
 mod cycles;
 mod dma;
+mod dma_smp;
+mod virtio;
 
 use core::fmt;
 
@@ -62,6 +64,49 @@ pub static BENCHES: &[Bench] = &[
     Bench { name: "dma_map_iommu_lazy_4k", run: dma::iommu_lazy_4k },
     Bench { name: "dma_map_iommu_lazy_1m", run: dma::iommu_lazy_1m },
     Bench { name: "iova_alloc_free", run: dma::iova_alloc_free },
+    // Later additions run after the first set, so that the first set keeps its starting state
+    // (heap, page allocator) and with it the counts of its baseline.
+    Bench { name: "dma_map_swiotlb_256k", run: dma::swiotlb_256k },
+    Bench { name: "dma_map_iommu_strict_4m", run: dma::iommu_strict_4m },
+    Bench { name: "dma_map_iommu_lazy_64k", run: dma::iommu_lazy_64k },
+    Bench { name: "dma_map_iommu_lazy_4m", run: dma::iommu_lazy_4m },
+    Bench { name: "iova_alloc_free_slow_1", run: dma::iova_alloc_free_slow_1 },
+    Bench { name: "iova_alloc_free_slow_64", run: dma::iova_alloc_free_slow_64 },
+    Bench { name: "coherent_iommu_1", run: coherent::iommu_1 },
+    Bench { name: "coherent_iommu_16", run: coherent::iommu_16 },
+    Bench { name: "coherent_iommu_256", run: coherent::iommu_256 },
+    Bench { name: "cma_alloc_release_1", run: cma::alloc_release_1 },
+    Bench { name: "cma_alloc_release_1_fill0", run: cma::alloc_release_1_fill0 },
+    Bench { name: "cma_alloc_release_16_fill0", run: cma::alloc_release_16_fill0 },
+    Bench { name: "cma_alloc_release_256_fill0", run: cma::alloc_release_256_fill0 },
+    Bench { name: "cma_alloc_release_1_fill90", run: cma::alloc_release_1_fill90 },
+    Bench { name: "cma_alloc_release_16_fill90", run: cma::alloc_release_16_fill90 },
+    Bench { name: "cma_alloc_release_256_fill90", run: cma::alloc_release_256_fill90 },
+    Bench { name: "dma_map_smp_direct_coherent_4k", run: dma_smp::direct_coherent_4k },
+    Bench { name: "dma_map_smp_direct_coherent_64k", run: dma_smp::direct_coherent_64k },
+    Bench { name: "dma_map_smp_direct_coherent_1m", run: dma_smp::direct_coherent_1m },
+    Bench { name: "dma_map_smp_direct_coherent_4m", run: dma_smp::direct_coherent_4m },
+    Bench { name: "dma_map_smp_direct_noncoherent_4k", run: dma_smp::direct_noncoherent_4k },
+    Bench { name: "dma_map_smp_direct_noncoherent_64k", run: dma_smp::direct_noncoherent_64k },
+    Bench { name: "dma_map_smp_direct_noncoherent_1m", run: dma_smp::direct_noncoherent_1m },
+    Bench { name: "dma_map_smp_direct_noncoherent_4m", run: dma_smp::direct_noncoherent_4m },
+    Bench { name: "dma_map_smp_swiotlb_4k", run: dma_smp::swiotlb_4k },
+    Bench { name: "dma_map_smp_swiotlb_64k", run: dma_smp::swiotlb_64k },
+    Bench { name: "dma_map_smp_swiotlb_256k", run: dma_smp::swiotlb_256k },
+    Bench { name: "dma_map_smp_iommu_strict_4k", run: dma_smp::iommu_strict_4k },
+    Bench { name: "dma_map_smp_iommu_strict_64k", run: dma_smp::iommu_strict_64k },
+    Bench { name: "dma_map_smp_iommu_strict_1m", run: dma_smp::iommu_strict_1m },
+    Bench { name: "dma_map_smp_iommu_strict_4m", run: dma_smp::iommu_strict_4m },
+    Bench { name: "dma_map_smp_iommu_lazy_4k", run: dma_smp::iommu_lazy_4k },
+    Bench { name: "dma_map_smp_iommu_lazy_64k", run: dma_smp::iommu_lazy_64k },
+    Bench { name: "dma_map_smp_iommu_lazy_1m", run: dma_smp::iommu_lazy_1m },
+    Bench { name: "dma_map_smp_iommu_lazy_4m", run: dma_smp::iommu_lazy_4m },
+    Bench { name: "virtio_mmio_direct", run: virtio::mmio_direct },
+    Bench { name: "virtio_mmio_swiotlb", run: virtio::mmio_swiotlb },
+    Bench { name: "virtio_pci_direct", run: virtio::pci_direct },
+    Bench { name: "virtio_pci_swiotlb", run: virtio::pci_swiotlb },
+    Bench { name: "virtio_pci_iommu_strict", run: virtio::pci_iommu_strict },
+    Bench { name: "virtio_pci_iommu_lazy", run: virtio::pci_iommu_lazy },
 ];
 
 /// Runs the benchmarks whose name matches one of the comma-separated globs in `selection`

@@ -15,6 +15,7 @@ use std::fmt::{self, Write as _};
 use std::path::PathBuf;
 use std::process::Command;
 
+use dmakern::bootargs::glob_match_any;
 use dmakern::ktest::parse::parse;
 
 use super::{boot, root, tail};
@@ -40,6 +41,27 @@ const ARMV7_VIRT: &[&str] = &["--cpu", "cortex-a15", "--mem", "1G", "--", "-M", 
 /// The same machines with QEMU's SMMUv3 in front of PCIe, for the dma-iommu benchmarks.
 const AARCH64_SMMU: &[&str] = &["--cpu", "cortex-a57", "--mem", "1G", "--", "-M", "virt,iommu=smmuv3"];
 const ARMV7_SMMU: &[&str] = &["--cpu", "cortex-a15", "--mem", "1G", "--", "-M", "virt,highmem=off,iommu=smmuv3"];
+/// The SMMU machines with 4 CPUs, for the benchmarks that run on every CPU at once.
+const AARCH64_SMMU_SMP4: &[&str] = &["--smp", "4", "--cpu", "cortex-a57", "--mem", "1G", "--", "-M", "virt,iommu=smmuv3"];
+const ARMV7_SMMU_SMP4: &[&str] = &["--smp", "4", "--cpu", "cortex-a15", "--mem", "1G", "--", "-M", "virt,highmem=off,iommu=smmuv3"];
+/// The SMMU machines with three virtio-blk disks, QEMU null block devices of 4 MiB (no host I/O,
+/// reads give zeros): one in a virtio-mmio slot, one virtio-blk-pci using physical addresses and
+/// one behind the SMMU (`iommu_platform=on`).
+macro_rules! with_disks {
+    ($($machine:literal),*) => {
+        &[
+            $($machine,)*
+            "-blockdev", "driver=null-co,node-name=bench-mmio,size=4194304,read-zeroes=on",
+            "-device", "virtio-blk-device,drive=bench-mmio",
+            "-blockdev", "driver=null-co,node-name=bench-pci,size=4194304,read-zeroes=on",
+            "-device", "virtio-blk-pci,drive=bench-pci,disable-legacy=on",
+            "-blockdev", "driver=null-co,node-name=bench-pci-iommu,size=4194304,read-zeroes=on",
+            "-device", "virtio-blk-pci,drive=bench-pci-iommu,disable-legacy=on,iommu_platform=on",
+        ]
+    };
+}
+const AARCH64_DISKS: &[&str] = with_disks!("--cpu", "cortex-a57", "--mem", "1G", "--", "-M", "virt,iommu=smmuv3");
+const ARMV7_DISKS: &[&str] = with_disks!("--cpu", "cortex-a15", "--mem", "1G", "--", "-M", "virt,highmem=off,iommu=smmuv3");
 
 /// Every configuration, in table order. The first is the machine the targets are stated for.
 pub const CONFIGS: &[Config] = &[
@@ -64,8 +86,32 @@ pub const CONFIGS: &[Config] = &[
         arch: "aarch64",
         machine: AARCH64_SMMU,
         bootargs: "",
-        benches: "dma_map_iommu_*,iova_*",
+        benches: "dma_map_iommu_*,iova_*,coherent_iommu_*",
         what: "the same, with the SMMUv3 (iommu=smmuv3)",
+    },
+    Config {
+        name: "aarch64-smp4",
+        arch: "aarch64",
+        machine: AARCH64_SMMU_SMP4,
+        bootargs: "",
+        benches: "dma_map_smp_*",
+        what: "the same with 4 CPUs, every CPU mapping at once",
+    },
+    Config {
+        name: "aarch64-virtio",
+        arch: "aarch64",
+        machine: AARCH64_DISKS,
+        bootargs: "",
+        benches: "virtio_*",
+        what: "aarch64-smmu with virtio-blk null disks: virtio-mmio, virtio-pci, virtio-pci behind the SMMU (strict)",
+    },
+    Config {
+        name: "aarch64-virtio-forced",
+        arch: "aarch64",
+        machine: AARCH64_DISKS,
+        bootargs: "swiotlb=force iommu.strict=0",
+        benches: "virtio_*",
+        what: "the same disks with swiotlb=force (dma-direct bounces) and iommu.strict=0 (lazy)",
     },
     Config {
         name: "armv7",
@@ -88,8 +134,32 @@ pub const CONFIGS: &[Config] = &[
         arch: "armv7",
         machine: ARMV7_SMMU,
         bootargs: "",
-        benches: "dma_map_iommu_*,iova_*",
+        benches: "dma_map_iommu_*,iova_*,coherent_iommu_*",
         what: "the same, with the SMMUv3 (iommu=smmuv3)",
+    },
+    Config {
+        name: "armv7-smp4",
+        arch: "armv7",
+        machine: ARMV7_SMMU_SMP4,
+        bootargs: "",
+        benches: "dma_map_smp_*",
+        what: "the same with 4 CPUs, every CPU mapping at once",
+    },
+    Config {
+        name: "armv7-virtio",
+        arch: "armv7",
+        machine: ARMV7_DISKS,
+        bootargs: "",
+        benches: "virtio_*",
+        what: "armv7-smmu with virtio-blk null disks: virtio-mmio, virtio-pci, virtio-pci behind the SMMU (strict)",
+    },
+    Config {
+        name: "armv7-virtio-forced",
+        arch: "armv7",
+        machine: ARMV7_DISKS,
+        bootargs: "swiotlb=force iommu.strict=0",
+        benches: "virtio_*",
+        what: "the same disks with swiotlb=force (dma-direct bounces) and iommu.strict=0 (lazy)",
     },
 ];
 
@@ -448,17 +518,34 @@ fn command_line(program: &str, args: &[&str]) -> Option<String> {
     String::from_utf8_lossy(&out.stdout).lines().next().map(|l| l.trim().to_string())
 }
 
-/// Which metrics of a benchmark the table shows besides those with a target: the headline
-/// (`pair_mean` or `mean`) when there is one, else every `*_mean`, else every metric (the boot
-/// count). The baseline keeps every mean; the console shows everything.
+/// Which metrics of a benchmark the table shows besides those with a target: the throughputs
+/// (`*bytes_per_s`) of a throughput benchmark; else the headline (`pair_mean` or `mean`) when
+/// there is one, else every `*_mean`, else every metric (the boot count). The baseline keeps every
+/// mean; the console shows everything.
 fn shown(metrics: &[&str], metric: &str) -> bool {
     const HEADLINE: [&str; 2] = ["pair_mean", "mean"];
-    if metrics.iter().any(|m| HEADLINE.contains(m)) {
+    if metrics.iter().any(|m| m.ends_with("bytes_per_s")) {
+        metric.ends_with("bytes_per_s")
+    } else if metrics.iter().any(|m| HEADLINE.contains(m)) {
         HEADLINE.contains(&metric)
     } else if metrics.iter().any(|m| m.ends_with("_mean")) {
         metric.ends_with("_mean")
     } else {
         true
+    }
+}
+
+/// Benchmarks the table leaves out (globs) unless a target names them: granules of the
+/// every-CPU dma_map benchmark between the ones shown. The console, the baseline and the guard
+/// have them all.
+pub const TABLE_OMITS: &str = "dma_map_smp_*_64k,dma_map_smp_*_4m";
+
+/// A configuration's variant: its name less the architecture and a dash (`aarch64-smmu` is
+/// `smmu`, `aarch64` is ``); a name of no configuration is its own variant.
+fn variant(config: &str) -> &str {
+    match CONFIGS.iter().find(|c| c.name == config) {
+        Some(c) => c.name.strip_prefix(c.arch).map_or(config, |v| v.trim_start_matches('-')),
+        None => config,
     }
 }
 
@@ -475,27 +562,45 @@ pub fn thousands(v: u64) -> String {
     out
 }
 
-/// The table (Markdown, so the README shows it as printed): one row per benchmark metric, a column
-/// per configuration in `configs`, then the target, Linux's figure and the verdict; a heading
-/// line with the date and QEMU version above it, the configurations and a tally of the verdicts
-/// below.
+/// The table (Markdown, so the README shows it as printed): one row per benchmark metric and
+/// configuration variant (see [`variant`]; [`shown`] and [`TABLE_OMITS`] choose the rows), a column
+/// per architecture of `configs`, then the target, Linux's figure and the verdict; a heading line
+/// with the date and QEMU version above it, the configurations and a tally of the verdicts below.
 pub fn table(measurements: &[Measurement], configs: &[&Config], targets: &[Target], env: &Env) -> String {
-    // Rows in the order the kernel reported them, configuration by configuration.
-    let mut rows: Vec<(&str, &str)> = Vec::new();
+    // A column per architecture; a row per (variant, benchmark, metric), so that a configuration
+    // `<arch>-<variant>` shares its rows across the architectures.
+    let mut arches: Vec<&str> = Vec::new();
+    for c in configs {
+        if !arches.contains(&c.arch) {
+            arches.push(c.arch);
+        }
+    }
+    let config_of = |arch: &str, variant: &str| if variant.is_empty() { arch.to_string() } else { format!("{arch}-{variant}") };
+    // Rows in the order the kernel reported them, configuration by configuration, each
+    // benchmark's variants together.
+    let mut rows: Vec<(&str, &str, &str)> = Vec::new();
     for m in measurements {
-        let row = (m.key.bench.as_str(), m.key.metric.as_str());
+        let row = (variant(&m.key.config), m.key.bench.as_str(), m.key.metric.as_str());
         if !rows.contains(&row) {
             rows.push(row);
         }
     }
-    let target_of = |bench: &str, metric: &str| targets.iter().find(|t| t.bench == bench && t.metric == metric);
-    let metrics_of = |bench: &str| rows.iter().filter(|r| r.0 == bench).map(|r| r.1).collect::<Vec<_>>();
-    let mut shown_rows: Vec<(&str, &str)> =
-        rows.iter().copied().filter(|&(b, m)| target_of(b, m).is_some() || shown(&metrics_of(b), m)).collect();
+    let first_seen = |bench: &str| rows.iter().position(|r| r.1 == bench).unwrap_or(usize::MAX);
+    let mut by_bench = rows.clone();
+    by_bench.sort_by_key(|r| first_seen(r.1));
+    let target_of =
+        |v: &str, bench: &str, metric: &str| targets.iter().find(|t| t.bench == bench && t.metric == metric && variant(&t.config) == v);
+    let metrics_of = |bench: &str| rows.iter().filter(|r| r.1 == bench).map(|r| r.2).collect::<Vec<_>>();
+    let mut shown_rows: Vec<(&str, &str, &str)> = by_bench
+        .iter()
+        .copied()
+        .filter(|&(v, b, m)| target_of(v, b, m).is_some() || (!glob_match_any(TABLE_OMITS, b) && shown(&metrics_of(b), m)))
+        .collect();
     // Targets whose benchmark reported nothing still get a row: "not measured" is a verdict too.
     for t in targets {
-        if !shown_rows.contains(&(t.bench.as_str(), t.metric.as_str())) {
-            shown_rows.push((&t.bench, &t.metric));
+        let row = (variant(&t.config), t.bench.as_str(), t.metric.as_str());
+        if !shown_rows.contains(&row) {
+            shown_rows.push(row);
         }
     }
 
@@ -504,26 +609,32 @@ pub fn table(measurements: &[Measurement], configs: &[&Config], targets: &[Targe
     let _ = writeln!(
         s,
         "Benchmarks, {}, {}: guest instructions per operation under `--icount` (one instruction is one ns of \
-         virtual time). Targets and Linux 6.1 figures are for {reference} unless the target names another \
-         configuration (tests/bench-targets.txt).",
+         virtual time); throughputs in bytes per second of virtual time. A column per architecture; a row \
+         `name (variant)` is the configuration `<architecture>-<variant>` (listed below the table). Targets \
+         and Linux 6.1 figures are for {reference} unless the target names another configuration \
+         (tests/bench-targets.txt).",
         env.date, env.qemu
     );
     let _ = writeln!(s);
     let _ = write!(s, "| benchmark | metric |");
-    for c in configs {
-        let _ = write!(s, " {} |", c.name);
+    for a in &arches {
+        let _ = write!(s, " {a} |");
     }
     let _ = writeln!(s, " target | Linux 6.1 | verdict | target for |");
     let _ = write!(s, "|---|---|");
-    for _ in configs {
+    for _ in &arches {
         let _ = write!(s, "---:|");
     }
     let _ = writeln!(s, "---:|---:|---|---|");
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-    for (bench, metric) in shown_rows {
-        let _ = write!(s, "| `{bench}` | {metric} |");
-        for c in configs {
-            let key = Key::new(c.name, bench, metric);
+    for (v, bench, metric) in shown_rows {
+        if v.is_empty() {
+            let _ = write!(s, "| `{bench}` | {metric} |");
+        } else {
+            let _ = write!(s, "| `{bench}` ({v}) | {metric} |");
+        }
+        for a in &arches {
+            let key = Key::new(&config_of(a, v), bench, metric);
             let cell = match measurements.iter().find(|m| m.key == key) {
                 Some(m) if m.unit == "ns" => thousands(m.value),
                 Some(m) => format!("{} {}", thousands(m.value), m.unit),
@@ -531,11 +642,11 @@ pub fn table(measurements: &[Measurement], configs: &[&Config], targets: &[Targe
             };
             let _ = write!(s, " {cell} |");
         }
-        match target_of(bench, metric) {
+        match target_of(v, bench, metric) {
             Some(t) => {
                 let limit = match t.at_most {
-                    Some(v) if t.config == reference => thousands(v),
-                    Some(v) => format!("{} ({})", thousands(v), t.config),
+                    Some(at_most) if t.config == reference => thousands(at_most),
+                    Some(at_most) => format!("{} ({})", thousands(at_most), t.config),
                     None => "-".to_string(),
                 };
                 let linux = t.linux.map_or("-".to_string(), thousands);

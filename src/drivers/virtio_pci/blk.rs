@@ -185,6 +185,12 @@ mod kernel {
             self.timeout_ms = ms;
         }
 
+        /// Has the request queue call `observer` around each wait for the device (see
+        /// [`Virtqueue::set_wait_observer`](crate::drivers::virtio_pci::Virtqueue::set_wait_observer)).
+        pub fn set_wait_observer(&mut self, observer: Option<fn(bool)>) {
+            self.queue.set_wait_observer(observer);
+        }
+
         /// Disk size in 512-byte sectors.
         pub fn capacity(&self) -> u64 {
             self.capacity
