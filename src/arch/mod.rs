@@ -7,6 +7,7 @@
 //!   per-CPU register), `cpu::{send_event, wait_for_event}` and `cpu::secondary_entry` (where
 //!   PSCI starts a secondary: `secondary_entry` in the boot assembly);
 //! - `counter::{read, frequency}`: the generic timer's physical count;
+//!   `counter::{virtual_timer_start, virtual_timer_stop}`: the virtual timer (interrupt tests);
 //! - `cache::{line_size, clean, invalidate, clean_invalidate}` over virtual address ranges (to the
 //!   point of coherency), `cache::{dsb, isb}`, and `cache::zero_pages` (whole pages of Normal
 //!   memory, the fastest way the architecture has);
@@ -15,7 +16,10 @@
 //!   `mmu::secondary_regs`: the registers a secondary loads to join that regime; `mmu::pa_bits`:
 //!   the CPU's physical address size;
 //! - `probe::{read_u64, write_u64, Fault}`: accesses that may fault, for tests;
-//! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly);
+//! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly), whose IRQ
+//!   vector calls `crate::irq::dispatch`;
+//! - `irq::{disable, enable, restore, enabled}`: this CPU's IRQ mask (masked except while the
+//!   `irq` layer waits for an interrupt);
 //! - `semihosting::exit`: returns only when no semihosting host answered the trap.
 
 #[cfg(target_arch = "aarch64")]
