@@ -410,6 +410,8 @@ extern "C" fn dmakern_start_primary(dtb: usize, _load_base: usize, entry_level: 
     if bootargs.has("cma.report") {
         crate::mm::cma::setup::print_report("");
     }
+    // Interrupt controllers (every line off, IRQs masked at the CPU until a driver waits).
+    crate::irq::init(&dt);
 
     match dt.psci() {
         Ok(Some(psci)) => {

@@ -15,6 +15,7 @@ pub mod dma;
 pub mod drivers;
 pub mod dt;
 pub mod iommu;
+pub mod irq;
 pub mod mm;
 pub mod sort;
 

@@ -9,6 +9,7 @@
 //!   `cpu::{secondary_trampoline, TRAMPOLINE_PARAMS}` (where a CPU released without an argument,
 //!   by a spin table or a BCM2836 mailbox, starts: it loads its parameters from that static);
 //! - `counter::{read, frequency}`: the generic timer's physical count;
+//!   `counter::{virtual_timer_start, virtual_timer_stop}`: the virtual timer (interrupt tests);
 //! - `cache::{line_size, clean, invalidate, clean_invalidate}` over virtual address ranges (to the
 //!   point of coherency), `cache::{dsb, isb}`, and `cache::zero_pages` (whole pages of Normal
 //!   memory, the fastest way the architecture has);
@@ -17,7 +18,10 @@
 //!   `mmu::secondary_regs`: the registers a secondary loads to join that regime; `mmu::pa_bits`:
 //!   the CPU's physical address size;
 //! - `probe::{read_u64, write_u64, Fault}`: accesses that may fault, for tests;
-//! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly);
+//! - `exceptions::TrapFrame` and the vector table (installed by the boot assembly), whose IRQ
+//!   vector calls `crate::irq::dispatch`;
+//! - `irq::{disable, enable, restore, enabled}`: this CPU's IRQ mask (masked except while the
+//!   `irq` layer waits for an interrupt);
 //! - `semihosting::exit`: returns only when no semihosting host answered the trap.
 
 #[cfg(target_arch = "aarch64")]

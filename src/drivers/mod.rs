@@ -2,6 +2,7 @@
 //! (PCI enumeration over a `ConfigSpace`) build and test on the host too; the rest touch hardware
 //! and exist only in the kernel build.
 
+pub mod bcm2835_dma;
 #[cfg(target_os = "none")]
 pub mod bcm2835_aux_uart;
 pub mod bcm2835_mbox;

@@ -1,6 +1,8 @@
 //! Exception handling. The vector table (boot/aarch64.s) saves a `TrapFrame` and calls
-//! `dmakern_exception`. Nothing is expected yet except the semihosting probe; everything else is
-//! reported with its decoded syndrome and ends the run with a non-zero status.
+//! `dmakern_exception`. IRQs (taken only while the `irq` layer has unmasked them) go to
+//! `crate::irq::dispatch`; otherwise nothing is expected except the semihosting probe and the
+//! faults of `probe`'s accesses; everything else is reported with its decoded syndrome and ends
+//! the run with a non-zero status.
 
 use core::fmt;
 
@@ -14,6 +16,10 @@ pub struct TrapFrame {
     pub far: u64,
     pub sp: u64,
 }
+
+/// Vector kinds of an IRQ taken at the current exception level (SP_EL0 and SP_ELx).
+const KIND_IRQ_SP0: u64 = 1;
+const KIND_IRQ: u64 = 5;
 
 const KIND_NAMES: [&str; 16] = [
     "sync (EL1t)", "irq (EL1t)", "fiq (EL1t)", "serror (EL1t)",
@@ -99,6 +105,10 @@ impl fmt::Display for Report<'_> {
 
 #[no_mangle]
 extern "C" fn dmakern_exception(frame: &mut TrapFrame, kind: u64) {
+    if kind == KIND_IRQ || kind == KIND_IRQ_SP0 {
+        crate::irq::dispatch();
+        return;
+    }
     let ec = (frame.esr >> 26) & 0x3f;
     // The semihosting probe: `hlt` without a host is undefined (EC 0); skip it and report failure.
     if kind == 4 && ec == 0 && frame.elr as usize == super::semihosting::trap_address() {

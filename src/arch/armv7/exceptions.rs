@@ -1,5 +1,6 @@
 //! Exception handling. The vector table (boot/armv7.s) saves a `TrapFrame` on the exception mode's
-//! stack and calls `dmakern_exception`. Nothing is expected except the semihosting probe and the
+//! stack and calls `dmakern_exception`. IRQs (taken only while the `irq` layer has unmasked them)
+//! go to `crate::irq::dispatch`; otherwise nothing is expected except the semihosting probe and the
 //! faults of `probe`'s accesses; everything else is reported with its decoded fault status and ends
 //! the run with a non-zero status.
 //!
@@ -32,6 +33,7 @@ pub struct TrapFrame {
 const KIND_SVC: u32 = 2;
 const KIND_PABT: u32 = 3;
 const KIND_DABT: u32 = 4;
+const KIND_IRQ: u32 = 6;
 
 /// Vector names, by offset / 4 in the vector table.
 const KIND_NAMES: [&str; 8] = [
@@ -274,6 +276,10 @@ impl fmt::Display for Report<'_> {
 
 #[no_mangle]
 extern "C" fn dmakern_exception(frame: &mut TrapFrame, kind: u32) {
+    if kind == KIND_IRQ {
+        crate::irq::dispatch();
+        return;
+    }
     let fault = FaultRegs::read();
     // The semihosting probe: without a host the trap is a plain SVC; resume after it, failed.
     if kind == KIND_SVC && frame.pc as usize == super::semihosting::trap_address() + 4 {

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod counter;
 pub mod cpu;
 pub mod exceptions;
+pub mod irq;
 pub mod mmu;
 pub mod probe;
 pub mod semihosting;
