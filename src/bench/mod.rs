@@ -16,6 +16,7 @@ mod cma;
 mod coherent;
 mod cycles;
 mod dma;
+mod dma_engine;
 mod dma_smp;
 mod virtio;
 
@@ -107,6 +108,8 @@ pub static BENCHES: &[Bench] = &[
     Bench { name: "virtio_pci_swiotlb", run: virtio::pci_swiotlb },
     Bench { name: "virtio_pci_iommu_strict", run: virtio::pci_iommu_strict },
     Bench { name: "virtio_pci_iommu_lazy", run: virtio::pci_iommu_lazy },
+    Bench { name: "dma_engine_direct", run: dma_engine::direct },
+    Bench { name: "dma_engine_swiotlb", run: dma_engine::swiotlb },
 ];
 
 /// Runs the benchmarks whose name matches one of the comma-separated globs in `selection`
