@@ -4,6 +4,7 @@ pub mod cache;
 pub mod counter;
 pub mod cpu;
 pub mod exceptions;
+pub mod mem;
 pub mod mmu;
 pub mod probe;
 pub mod semihosting;
