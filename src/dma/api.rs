@@ -337,7 +337,7 @@ mod kernel {
     use super::*;
     use crate::dma::debug;
     use crate::dma::debug_track::{Caller, MapKind};
-    use crate::dma::{direct, iommu, Backend, GfpFlags};
+    use crate::dma::{direct, iommu, remap, Backend, GfpFlags};
     use crate::println;
     use alloc::collections::BTreeMap;
     use core::panic::Location;
@@ -357,13 +357,41 @@ mod kernel {
         /// from that pool only: a full pool is an error.
         #[track_caller]
         pub fn alloc_coherent(&self, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<DmaCoherent<'_>, DmaError> {
+            // The atomic pool's buffers are described right here, in the value returned: through
+            // the back ends' by-value results the description would be copied three times, more
+            // than the pool's allocation costs.
+            if let Backend::Direct = self.backend() {
+                if let Some(r) = direct::alloc_atomic(self, size, gfp) {
+                    let (pooled, dma) = r?;
+                    if debug::enabled() {
+                        // The buffer's CPU pointer is the pool's mapping.
+                        debug_allocated(self, pooled.cpu as u64, dma, size, Location::caller());
+                    }
+                    return Ok(DmaCoherent { dev: self, raw: Some(remap::pool_raw(pooled, dma, size, attrs)) });
+                }
+                // A coherent device's pages in the linear map, likewise.
+                if let Some(r) = direct::alloc_linear(self, size, gfp) {
+                    let (pages, dma) = r?;
+                    if debug::enabled() {
+                        debug_allocated(self, direct::linear_cpu(pages.phys, attrs), dma, size, Location::caller());
+                    }
+                    return Ok(DmaCoherent { dev: self, raw: Some(direct::linear_raw(pages, dma, size, attrs)) });
+                }
+            }
+            self.alloc_coherent_moved(size, gfp, attrs, Location::caller())
+        }
+
+        /// [`Device::alloc_coherent`] of the buffers it does not describe in place; out of line,
+        /// so that the paths there stay small.
+        #[inline(never)]
+        fn alloc_coherent_moved(&self, size: u64, gfp: GfpFlags, attrs: DmaAttrs, caller: Caller) -> Result<DmaCoherent<'_>, DmaError> {
             let raw = match self.backend() {
                 Backend::Direct => direct::alloc(self, size, gfp, attrs)?,
                 Backend::Iommu(d) => iommu::alloc(self, d, size, gfp, attrs)?,
             };
             let buf = DmaCoherent { dev: self, raw: Some(raw) };
             if debug::enabled() {
-                debug::allocated(self, buf.cpu_ptr().map_or(0, |p| p.as_ptr() as u64), buf.dma_addr(), size, Location::caller());
+                debug_allocated(self, buf.cpu_ptr().map_or(0, |p| p.as_ptr() as u64), buf.dma_addr(), size, caller);
             }
             Ok(buf)
         }
@@ -634,21 +662,63 @@ mod kernel {
     impl DmaCoherent<'_> {
         /// Frees the buffer; an allocator's refusal is returned.
         #[track_caller]
-        pub fn free(mut self) -> Result<(), DmaError> {
-            self.release(Location::caller())
+        pub fn free(self) -> Result<(), DmaError> {
+            // A release that succeeded leaves nothing for `Drop` to do: skipping it saves a
+            // second release and the drop of the description. After a refusal `Drop` runs as it
+            // would have (and dma-debug's refusal is met again there).
+            let mut this = core::mem::ManuallyDrop::new(self);
+            let r = this.release(Location::caller());
+            if r.is_err() {
+                drop(core::mem::ManuallyDrop::into_inner(this));
+            }
+            r
         }
 
+        /// Gives the buffer back to its back end. After `Ok` the description may still be in
+        /// `self.raw` (a buffer freed in place, whose description owns nothing to drop), so this
+        /// is the value's last use: [`DmaCoherent::free`] skips `Drop` then, and `Drop` is the end.
         fn release(&mut self, caller: Caller) -> Result<(), DmaError> {
             let Some(raw) = self.raw.as_ref() else { return Ok(()) };
             if debug::enabled() {
-                let cpu = raw.cpu_ptr().map(|p| p.as_ptr() as u64);
-                debug::freeing(self.dev, Some(cpu.unwrap_or(0)), raw.dma, raw.size, caller)?;
+                debug_freeing(self.dev, raw, caller)?;
             }
+            // The atomic pool's buffers and linear pages are freed without moving the description
+            // out of `self` (a copy that would cost a third of the atomic pool's free).
+            if let Backend::Direct = self.dev.backend() {
+                if let Some(r) = direct::free_in_place(self.dev, raw) {
+                    if r.is_err() {
+                        self.raw = None;
+                    }
+                    return r;
+                }
+            }
+            self.release_moved()
+        }
+
+        /// [`DmaCoherent::release`] of the buffers the back end takes by value; out of line, so
+        /// that the atomic pool's path stays small.
+        #[inline(never)]
+        fn release_moved(&mut self) -> Result<(), DmaError> {
             match self.raw.take() {
                 None => Ok(()),
                 Some(raw) => self.dev.free_raw(raw),
             }
         }
+    }
+
+    /// dma-debug's record of a coherent allocation, out of line like [`debug_freeing`].
+    #[cold]
+    #[inline(never)]
+    fn debug_allocated(dev: &Device, cpu: u64, dma: DmaAddr, size: u64, caller: Caller) {
+        debug::allocated(dev, cpu, dma, size, caller);
+    }
+
+    /// dma-debug's check of a coherent free, out of line: off, it is one test on the fast path.
+    #[cold]
+    #[inline(never)]
+    fn debug_freeing(dev: &Device, raw: &CoherentRaw, caller: Caller) -> Result<(), DmaError> {
+        let cpu = raw.cpu_ptr().map(|p| p.as_ptr() as u64);
+        debug::freeing(dev, Some(cpu.unwrap_or(0)), raw.dma, raw.size, caller)
     }
 
     impl Drop for DmaCoherent<'_> {

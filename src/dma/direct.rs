@@ -237,7 +237,50 @@ mod kernel {
             return remap::alloc(dev, size, gfp, attrs);
         }
         let (pages, dma) = alloc_pages(dev, size, gfp)?;
-        Ok(CoherentRaw { mem: CoherentMem::Pages(pages), dma, size, attrs, cpu: linear_view(attrs) })
+        Ok(linear_raw(pages, dma, size, attrs))
+    }
+
+    /// [`alloc`]'s answer when it comes from the atomic pool (a non-coherent device without a
+    /// restricted pool, a caller that cannot block), as the pool gives it; `None`, with nothing
+    /// done, for every other request. The caller builds the description
+    /// ([`remap::pool_raw`]) where it keeps it, sparing the copies of a by-value result.
+    #[inline(always)]
+    pub fn alloc_atomic(dev: &Device, size: u64, gfp: GfpFlags) -> Option<Result<(crate::dma::pool::PoolBuffer, DmaAddr), DmaError>> {
+        let pooled = size != 0 && !gfp.can_block() && !dev.is_coherent() && !dev.own_bounce_pool().is_some_and(|p| p.serves_alloc());
+        pooled.then(|| crate::dma::pool::alloc(dev, size))
+    }
+
+    /// [`alloc`]'s answer for a coherent device without a restricted pool (pages of
+    /// `dma_alloc_contiguous`, zeroed, in the linear map), as [`alloc_pages`] gives it; `None`,
+    /// with nothing done, for every other request. The caller builds the description
+    /// ([`linear_raw`]) where it keeps it, like [`alloc_atomic`]'s.
+    #[inline(always)]
+    pub fn alloc_linear(dev: &Device, size: u64, gfp: GfpFlags) -> Option<Result<(ContiguousPages, DmaAddr), DmaError>> {
+        let linear = size != 0 && dev.is_coherent() && !dev.own_bounce_pool().is_some_and(|p| p.serves_alloc());
+        linear.then(|| alloc_pages_out_of_line(dev, size, gfp))
+    }
+
+    /// [`alloc_pages`], kept out of the API's entry point (which inlines [`alloc_linear`]) so that
+    /// the atomic pool's path there stays small.
+    #[inline(never)]
+    fn alloc_pages_out_of_line(dev: &Device, size: u64, gfp: GfpFlags) -> Result<(ContiguousPages, DmaAddr), DmaError> {
+        alloc_pages(dev, size, gfp)
+    }
+
+    /// The description of a coherent device's buffer in the linear map: [`alloc`]'s answer there.
+    #[inline(always)]
+    pub fn linear_raw(pages: ContiguousPages, dma: DmaAddr, size: u64, attrs: DmaAttrs) -> CoherentRaw {
+        CoherentRaw { mem: CoherentMem::Pages(pages), dma, size, attrs, cpu: linear_view(attrs) }
+    }
+
+    /// The CPU address [`linear_raw`]'s description gives (0 for none), for dma-debug.
+    #[inline(always)]
+    pub fn linear_cpu(phys: PhysAddr, attrs: DmaAttrs) -> u64 {
+        if attrs.contains(DmaAttrs::NO_KERNEL_MAPPING) {
+            0
+        } else {
+            phys.0
+        }
     }
 
     fn linear_view(attrs: DmaAttrs) -> CpuView {
@@ -294,6 +337,7 @@ mod kernel {
     /// device through its bus map if it reaches all of it under the coherent mask; otherwise the
     /// slots go back and the answer is an error, never memory from elsewhere. A non-coherent
     /// device's CPU view is an uncached alias in the vmap window.
+    #[inline(never)]
     fn alloc_from_pool(dev: &Device, pool: &'static BouncePool, size: u64, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
         let (phys, bytes) = pool.alloc(size)?;
         let Some(dma) = within_mask(dev.bus_map(), dev.coherent_mask(), phys, bytes) else {
@@ -316,15 +360,34 @@ mod kernel {
         Ok(CoherentRaw { mem: CoherentMem::Pool { pool, phys, bytes }, dma, size, attrs, cpu })
     }
 
+    /// [`free`] of a buffer that can be freed through a reference, so that the caller need not
+    /// move the description out first: the atomic pool's, and a coherent device's pages in the
+    /// linear map. Their descriptions own nothing to drop. `None`, with nothing done, for the
+    /// others. The caller forgets the description after a `Some`.
+    #[inline(always)]
+    pub fn free_in_place(dev: &Device, raw: &CoherentRaw) -> Option<Result<(), DmaError>> {
+        if let Some(buf) = remap::atomic_pool_buffer(raw) {
+            return Some(crate::dma::pool::free(buf));
+        }
+        match &raw.mem {
+            CoherentMem::Pages(p) if dev.is_coherent() && matches!(raw.cpu, CpuView::Linear | CpuView::Hidden) => {
+                let pages = ContiguousPages { phys: p.phys, count: p.count, source: p.source };
+                Some(dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free))
+            }
+            _ => None,
+        }
+    }
+
     /// Frees a buffer of [`alloc`]: dma-remap undoes its CPU mapping first.
     #[inline(always)]
     pub fn free(dev: &Device, raw: CoherentRaw) -> Result<(), DmaError> {
-        match (raw.cpu, raw.mem) {
-            (CpuView::Linear | CpuView::Hidden, CoherentMem::Pages(pages)) if dev.is_coherent() => {
-                dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free)
-            }
-            (CpuView::Linear | CpuView::Hidden, CoherentMem::Pool { pool, phys, bytes }) if dev.is_coherent() => pool.free(phys, bytes),
-            (cpu, mem) => remap::free(dev, CoherentRaw { mem, cpu, dma: raw.dma, size: raw.size, attrs: raw.attrs }),
+        // Matched in place rather than as a (cpu, mem) pair: building the pair copies the buffer
+        // description, which costs more than the atomic pool's whole free.
+        let linear = dev.is_coherent() && matches!(raw.cpu, CpuView::Linear | CpuView::Hidden);
+        match raw.mem {
+            CoherentMem::Pages(pages) if linear => dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free),
+            CoherentMem::Pool { pool, phys, bytes } if linear => pool.free(phys, bytes),
+            _ => remap::free(dev, raw),
         }
     }
 

@@ -63,10 +63,11 @@ pub struct PoolBuffer {
 /// First-fit page allocator over `pages` pages, numbered from 0. A free must name exactly a run
 /// that was allocated (the start and length are recorded), so a wrong free is refused.
 pub struct PoolPages {
-    /// Bit set: page in use.
-    used: alloc::vec::Vec<u64>,
+    /// Bit set: page in use. Boxed slices rather than `Vec`s: the size-optimised build calls
+    /// `Vec`'s indexing out of line, a slice's is inline.
+    used: alloc::boxed::Box<[u64]>,
     /// Bit set: first page of an allocated run; the run goes on to the next start or free page.
-    starts: alloc::vec::Vec<u64>,
+    starts: alloc::boxed::Box<[u64]>,
     pages: u64,
     hint: u64,
     stats: PoolStats,
@@ -75,9 +76,10 @@ pub struct PoolPages {
 impl PoolPages {
     pub fn new(pages: u64) -> PoolPages {
         let words = pages.div_ceil(64) as usize;
-        PoolPages { used: alloc::vec![0; words], starts: alloc::vec![0; words], pages, hint: 0, stats: PoolStats { pages, ..PoolStats::default() } }
+        PoolPages { used: alloc::vec![0; words].into_boxed_slice(), starts: alloc::vec![0; words].into_boxed_slice(), pages, hint: 0, stats: PoolStats { pages, ..PoolStats::default() } }
     }
 
+    #[inline(always)]
     fn bit(v: &[u64], i: u64) -> bool {
         v[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
@@ -153,7 +155,7 @@ impl PoolPages {
             return Err(PoolError::BadSize { pages: n });
         }
         let found = if n == 1 {
-            self.next_free(self.hint).or_else(|| self.next_free(0))
+            return self.alloc_one();
         } else {
             let align = if n.is_power_of_two() { n } else { 1 };
             [align, 1].iter().find_map(|&a| self.search(0, n, a))
@@ -171,9 +173,35 @@ impl PoolPages {
         Ok(first)
     }
 
+    /// [`PoolPages::alloc`] of one page (the usual request): one bit in each map, set in place
+    /// rather than through the run-filling loops.
+    #[inline(always)]
+    fn alloc_one(&mut self) -> Result<u64, PoolError> {
+        // A `match`, not `Option::or_else`: the size-optimised build calls the latter.
+        let found = match self.next_free(self.hint) {
+            Some(f) => Some(f),
+            None => self.next_free(0),
+        };
+        let Some(first) = found else {
+            self.stats.failures += 1;
+            return Err(PoolError::Exhausted { pages: 1 });
+        };
+        let (w, bit) = ((first / 64) as usize, 1u64 << (first % 64));
+        self.used[w] |= bit;
+        self.starts[w] |= bit;
+        self.hint = first + 1;
+        self.stats.used_pages += 1;
+        self.stats.peak_used_pages = self.stats.peak_used_pages.max(self.stats.used_pages);
+        self.stats.allocations += 1;
+        Ok(first)
+    }
+
     /// Frees the run of `n` pages allocated at `first`.
     #[inline(always)]
     pub fn free(&mut self, first: u64, n: u64) -> Result<(), PoolError> {
+        if n == 1 {
+            return self.free_one(first);
+        }
         let bad = PoolError::NotAllocated { first, pages: n };
         let end = first.checked_add(n).filter(|&e| n > 0 && e <= self.pages).ok_or(bad)?;
         // The run must start at `first`, be in use throughout, and end where the next run starts
@@ -188,6 +216,30 @@ impl PoolPages {
         Self::fill(&mut self.used, first, n, false);
         Self::fill(&mut self.starts, first, 1, false);
         self.stats.used_pages -= n;
+        self.stats.frees += 1;
+        if first < self.hint {
+            self.hint = first;
+        }
+        Ok(())
+    }
+
+    /// [`PoolPages::free`] of a one-page run, with the same checks: `first` starts a run, is in
+    /// use, and the next page is free or starts another run.
+    #[inline(always)]
+    fn free_one(&mut self, first: u64) -> Result<(), PoolError> {
+        if first >= self.pages {
+            return Err(PoolError::NotAllocated { first, pages: 1 });
+        }
+        let (w, bit) = ((first / 64) as usize, 1u64 << (first % 64));
+        let end = first + 1;
+        let whole = self.starts[w] & self.used[w] & bit != 0
+            && (end == self.pages || !Self::bit(&self.used, end) || Self::bit(&self.starts, end));
+        if !whole {
+            return Err(PoolError::NotAllocated { first, pages: 1 });
+        }
+        self.used[w] &= !bit;
+        self.starts[w] &= !bit;
+        self.stats.used_pages -= 1;
         self.stats.frees += 1;
         if first < self.hint {
             self.hint = first;

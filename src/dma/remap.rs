@@ -88,6 +88,7 @@ mod kernel {
     use crate::bootargs::{parse_size, Bootargs};
     use crate::dma::api::{CoherentMem, CoherentRaw, DmaError};
     use crate::dma::contiguous::{dma_alloc_from_contiguous, dma_free_contiguous, dma_release_from_contiguous, ContiguousError, ContiguousPages, PageSource};
+    use crate::dma::busmap::DmaAddr;
     use crate::dma::{direct, pool, within_mask, Device, GfpFlags};
     use crate::mm::addr::{PhysAddr, PAGE_SIZE};
     use crate::mm::kmap;
@@ -177,7 +178,7 @@ mod kernel {
         }
         if !gfp.can_block() {
             let (buf, dma) = pool::alloc(dev, size)?;
-            return Ok(CoherentRaw { mem: CoherentMem::AtomicPool(buf), dma, size, attrs, cpu: CpuView::Pool(buf.cpu) });
+            return Ok(pool_raw(buf, dma, size, attrs));
         }
         match strategy() {
             Strategy::Window => alloc_window(dev, size, gfp, attrs),
@@ -185,7 +186,16 @@ mod kernel {
         }
     }
 
+    /// Out of line, like [`alloc_in_place`]: inlined, the remapping paths' state would crowd the
+    /// atomic pool's path in [`alloc`] (stack frame, spills, copies of the result).
+    /// The description of a buffer of the atomic pool: [`alloc`]'s answer when the caller cannot
+    /// block.
     #[inline(always)]
+    pub fn pool_raw(buf: pool::PoolBuffer, dma: DmaAddr, size: u64, attrs: DmaAttrs) -> CoherentRaw {
+        CoherentRaw { mem: CoherentMem::AtomicPool(buf), dma, size, attrs, cpu: CpuView::Pool(buf.cpu) }
+    }
+
+    #[inline(never)]
     fn alloc_window(dev: &Device, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
         // Zeroed, cleaned and invalidated through the linear map.
         let (pages, dma) = direct::alloc_pages(dev, size, gfp)?;
@@ -203,6 +213,7 @@ mod kernel {
 
     /// CMA pages only (see the module documentation): `dma_alloc_from_contiguous()`, never the
     /// fallback that `dma_alloc_contiguous()` would take.
+    #[inline(never)]
     fn alloc_in_place(dev: &Device, size: u64, gfp: GfpFlags, attrs: DmaAttrs) -> Result<CoherentRaw, DmaError> {
         let count = size.div_ceil(PAGE_SIZE);
         let bytes = count * PAGE_SIZE;
@@ -238,12 +249,33 @@ mod kernel {
         Ok(CoherentRaw { mem: CoherentMem::Pages(pages), dma, size, attrs, cpu: CpuView::InPlace })
     }
 
+    /// The atomic pool's buffer that `raw` describes, if it is one. Such a buffer holds nothing
+    /// else (no mapping to undo, nothing to drop), so it can be freed from a reference, without
+    /// the copy of the description a by-value free costs.
+    #[inline(always)]
+    pub fn atomic_pool_buffer(raw: &CoherentRaw) -> Option<pool::PoolBuffer> {
+        match (&raw.cpu, &raw.mem) {
+            (CpuView::Pool(_), CoherentMem::AtomicPool(buf)) => Some(*buf),
+            _ => None,
+        }
+    }
+
     /// Frees a buffer of [`alloc`]: the CPU mapping goes first (with its TLB entries on every
     /// CPU), then the memory.
     #[inline(always)]
     pub fn free(dev: &Device, raw: CoherentRaw) -> Result<(), DmaError> {
+        // The atomic pool's buffers first, read in place: the general match below moves the whole
+        // buffer description (a copy that costs as much as the pool's own free).
+        if let Some(buf) = atomic_pool_buffer(&raw) {
+            return pool::free(buf);
+        }
+        free_mapped(dev, raw)
+    }
+
+    /// [`free`] of everything but the atomic pool's buffers.
+    #[inline(never)]
+    fn free_mapped(dev: &Device, raw: CoherentRaw) -> Result<(), DmaError> {
         match (raw.cpu, raw.mem) {
-            (CpuView::Pool(_), CoherentMem::AtomicPool(buf)) => pool::free(buf),
             (CpuView::Window(area), CoherentMem::Pages(pages)) => {
                 vmap::vunmap(area).map_err(DmaError::Remap)?;
                 dma_free_contiguous(dev, pages).map_err(|_| DmaError::Free)

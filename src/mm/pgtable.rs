@@ -319,6 +319,8 @@ impl fmt::Display for DescriptorError {
 }
 
 /// Attribute bits of a leaf (everything but type and address), after validating the combination.
+/// Inlined: it runs on every map, where a call costs as much as the work.
+#[inline(always)]
 fn leaf_attr_bits(attr: MemAttr, perms: Perms, flags: LeafFlags) -> Result<u64, DescriptorError> {
     if !perms.read {
         return Err(DescriptorError::NotReadable);
@@ -700,6 +702,158 @@ fn kind(desc: u64, level: u8) -> Kind {
     }
 }
 
+// The leaf loops of the usual streaming map and unmap, over last-level entries several at a time:
+// with a 1 MiB buffer they are most of the work. Each is one asm block on aarch64, where the
+// size-optimised build would otherwise keep a loop of single loads and stores (and the machine
+// outliner may turn its body into calls); elsewhere the callers' own loops do the work. A page
+// leaf is an entry with both type bits set (`kind` at the last level). Each entry is read and
+// written with one 64-bit access, as `read` and `write` do.
+
+/// How many of the `quads` groups of four entries from `entries` are all zero (no mapping at
+/// all), counted from the start up to the first group that is not. The caller checks the rest
+/// entry by entry.
+///
+/// # Safety
+/// `entries .. entries + 4 * quads` are entries of a table page the caller may read.
+#[inline(always)]
+unsafe fn zero_quads(entries: *const u64, quads: usize) -> usize {
+    #[cfg(target_arch = "aarch64")]
+    {
+        let left: usize;
+        // SAFETY: reads of the entries the caller vouches for. Not `readonly`/`nomem`: the
+        // entries are shared with a walker, so the loads must happen here, in order.
+        unsafe {
+            core::arch::asm!(
+                "cbz {n}, 3f",
+                "2:",
+                "ldp {a}, {b}, [{p}]",
+                "ldp {c}, {d}, [{p}, #16]",
+                "orr {a}, {a}, {b}",
+                "orr {c}, {c}, {d}",
+                "orr {a}, {a}, {c}",
+                "cbnz {a}, 3f",
+                "add {p}, {p}, #32",
+                "subs {n}, {n}, #1",
+                "b.ne 2b",
+                "3:",
+                p = inout(reg) entries => _,
+                n = inout(reg) quads => left,
+                a = out(reg) _,
+                b = out(reg) _,
+                c = out(reg) _,
+                d = out(reg) _,
+                options(nostack)
+            )
+        };
+        quads - left
+    }
+    // Elsewhere the caller's entry-by-entry check does all of it.
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = (entries, quads);
+        0
+    }
+}
+
+/// Writes `count` page descriptors from `entries`: `desc`, then `desc` plus one page for each
+/// next entry.
+///
+/// # Safety
+/// `entries .. entries + count` are entries of a table page the caller may write, in a table
+/// nothing else edits meanwhile.
+#[inline(always)]
+unsafe fn write_page_run(entries: *mut u64, count: usize, desc: u64) {
+    #[cfg(target_arch = "aarch64")]
+    {
+        // SAFETY: 64-bit stores to the entries the caller vouches for, two per `stp` (each
+        // register's store is single-copy atomic, so a walker sees an entry old or new, never
+        // torn), then the odd last one. Not `nomem`: the compiler must not move other table
+        // accesses across them.
+        unsafe {
+            core::arch::asm!(
+                "lsr {n}, {count}, #1",
+                "cbz {n}, 3f",
+                "add {b}, {a}, #4096",
+                "2:",
+                "stp {a}, {b}, [{p}], #16",
+                "add {a}, {a}, #8192",
+                "add {b}, {b}, #8192",
+                "subs {n}, {n}, #1",
+                "b.ne 2b",
+                "3:",
+                "tbz {count}, #0, 4f",
+                "str {a}, [{p}]",
+                "4:",
+                p = inout(reg) entries => _,
+                count = in(reg) count,
+                a = inout(reg) desc => _,
+                n = out(reg) _,
+                b = out(reg) _,
+                options(nostack)
+            )
+        };
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let mut desc = desc;
+        for i in 0..count {
+            // SAFETY: as the caller vouches.
+            unsafe { entries.add(i).write_volatile(desc) };
+            desc += PAGE_SIZE;
+        }
+    }
+}
+
+/// Clears groups of four page leaves from `entries` (writes them 0), up to `quads` groups,
+/// stopping at the first group that is not four page leaves; returns how many groups it cleared.
+///
+/// # Safety
+/// `entries .. entries + 4 * quads` are entries of a table page the caller may write, in a table
+/// nothing else edits meanwhile.
+#[inline(always)]
+unsafe fn clear_page_quads(entries: *mut u64, quads: usize) -> usize {
+    #[cfg(target_arch = "aarch64")]
+    {
+        let left: usize;
+        // SAFETY: reads and 64-bit stores of the entries the caller vouches for (each
+        // register's store single-copy atomic). Not `nomem`, as above. Both type bits set in
+        // all four entries: bit 0 of the AND of the four, ANDed with its own bit 1.
+        unsafe {
+            core::arch::asm!(
+                "cbz {n}, 3f",
+                "2:",
+                "ldp {a}, {b}, [{p}]",
+                "ldp {c}, {d}, [{p}, #16]",
+                "and {a}, {a}, {b}",
+                "and {c}, {c}, {d}",
+                "and {a}, {a}, {c}",
+                "and {a}, {a}, {a}, lsr #1",
+                "tbz {a}, #0, 3f",
+                "stp xzr, xzr, [{p}]",
+                "stp xzr, xzr, [{p}, #16]",
+                "add {p}, {p}, #32",
+                "subs {n}, {n}, #1",
+                "b.ne 2b",
+                "3:",
+                p = inout(reg) entries => _,
+                n = inout(reg) quads => left,
+                a = out(reg) _,
+                b = out(reg) _,
+                c = out(reg) _,
+                d = out(reg) _,
+                options(nostack)
+            )
+        };
+        quads - left
+    }
+    // Elsewhere the caller's entry-by-entry loop does all of it.
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = (entries, quads);
+        0
+    }
+}
+
 /// Table pages allocated before an edit starts, chained through their entry 0 (they are unreachable
 /// by any walker until linked into the tree). A link word is the next page's address with bit 0
 /// set; 0 ends the chain.
@@ -1021,21 +1175,27 @@ impl<A: TableAlloc> PageTable<A> {
     fn clear_pages<T: TlbOps>(&mut self, table: PhysAddr, va: u64, end: u64, leaves: &mut LeafUnmap, tlb: &mut T) {
         let first = table_index(va, LAST_LEVEL);
         let count = ((end - va) >> PAGE_SHIFT) as usize;
-        let entries = self.alloc.table_ptr(table);
+        // SAFETY (of the pointer arithmetic): the range lies in one last-level table, so
+        // first + count <= 512 entries of the table's page.
+        let entries = self.alloc.table_ptr(table).wrapping_add(first);
         let page_va = |i: usize| va + ((i as u64) << PAGE_SHIFT);
+        // The usual unmap clears a fully mapped range: its leading groups of four pages go in one
+        // tight loop, and the loop below goes on from where they end.
+        // SAFETY: as in `read` and `write`: `count` entries of a table page from `entries`.
+        let cleared = unsafe { clear_page_quads(entries, count / 4) } * 4;
         // Start of the run of mapped pages being cleared.
-        let mut run: Option<usize> = None;
+        let mut run: Option<usize> = (cleared > 0).then_some(0);
         // Up to `count` inclusive: the step past the last page ends the last run.
-        let mut i = 0;
+        let mut i = cleared;
         while i <= count {
             let mapped = i < count && {
-                // SAFETY: as in `read`; the range lies in one last-level table, so first + i < 512.
-                let desc = unsafe { entries.add(first + i).read_volatile() };
+                // SAFETY: as above.
+                let desc = unsafe { entries.add(i).read_volatile() };
                 matches!(kind(desc, LAST_LEVEL), Kind::Leaf)
             };
             if mapped {
                 // SAFETY: as above; one 64-bit store, as in `write`.
-                unsafe { entries.add(first + i).write_volatile(0) };
+                unsafe { entries.add(i).write_volatile(0) };
                 run.get_or_insert(i);
             } else if let Some(start) = run.take() {
                 let size = page_va(i) - page_va(start);
@@ -1333,20 +1493,21 @@ impl<A: TableAlloc> PageTable<A> {
     fn map_pages(&mut self, table: PhysAddr, va: u64, end: u64, pa: u64, template: u64) -> Result<(), PageTableError> {
         let first = table_index(va, LAST_LEVEL);
         let count = ((end - va) >> PAGE_SHIFT) as usize;
-        let entries = self.alloc.table_ptr(table);
-        for i in 0..count {
-            // SAFETY: as in `read`; the range lies in one last-level table, so first + i < 512.
-            let desc = unsafe { entries.add(first + i).read_volatile() };
+        // SAFETY (of the pointer arithmetic): the range lies in one last-level table, so
+        // first + count <= 512 entries of the table's page.
+        let entries = self.alloc.table_ptr(table).wrapping_add(first);
+        // SAFETY: as in `read`: `count` entries of a table page from `entries` (see above).
+        let clean = unsafe { zero_quads(entries, count / 4) } * 4;
+        for i in clean..count {
+            // SAFETY: as above.
+            let desc = unsafe { entries.add(i).read_volatile() };
             if matches!(kind(desc, LAST_LEVEL), Kind::Leaf) {
                 return Err(PageTableError::AlreadyMapped { va: va + ((i as u64) << PAGE_SHIFT) });
             }
         }
-        let mut desc = template | pa | leaf_type(LAST_LEVEL);
-        for i in 0..count {
-            // SAFETY: as above; one 64-bit store per entry, as in `write`.
-            unsafe { entries.add(first + i).write_volatile(desc) };
-            desc += PAGE_SIZE;
-        }
+        let desc = template | pa | leaf_type(LAST_LEVEL);
+        // SAFETY: as above; one 64-bit store per entry, as in `write`.
+        unsafe { write_page_run(entries, count, desc) };
         Ok(())
     }
 

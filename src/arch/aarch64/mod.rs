@@ -5,6 +5,7 @@ pub mod counter;
 pub mod cpu;
 pub mod exceptions;
 pub mod irq;
+pub mod mem;
 pub mod mmu;
 pub mod probe;
 pub mod semihosting;

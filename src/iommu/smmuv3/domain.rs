@@ -15,6 +15,7 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use spin::Mutex;
 
@@ -30,6 +31,8 @@ use crate::mm::pgtable::{
 use crate::mm::phys;
 use crate::println;
 
+/// The smallest block a page table maps (level 2).
+const BLOCK_2M: u64 = 1 << (PAGE_SHIFT + 9);
 /// IOVA bits of every domain: T0SZ = 25, walks start at level 1 (QEMU 7.2 accepts T0SZ 16..=39).
 pub const IOVA_BITS: u8 = 39;
 /// One invalidation request taking more by-address commands than this becomes a TLBI_NH_ASID.
@@ -125,6 +128,9 @@ pub struct Domain {
     cd: SmmuPages,
     tables: Mutex<ManuallyDrop<PageTable<IoTables>>>,
     dirty: Option<DirtyPages>,
+    /// A mapping of 2 MiB or more was made, so the tables may hold blocks: only then can an unmap
+    /// cut one (see [`Domain::unmap`]), which costs two table walks to find out.
+    may_hold_blocks: AtomicBool,
 }
 
 impl Smmu {
@@ -160,7 +166,7 @@ impl Smmu {
             unsafe { cd.ptr().add(i).write_volatile(*w) };
         }
         self.publish(cd.ptr() as usize, CD_DWORDS * 8);
-        let domain = Domain { smmu: self, asid, cd, tables: Mutex::new(ManuallyDrop::new(tables)), dirty };
+        let domain = Domain { smmu: self, asid, cd, tables: Mutex::new(ManuallyDrop::new(tables)), dirty, may_hold_blocks: AtomicBool::new(false) };
         domain.publish_tables();
         Ok(Arc::new(domain))
     }
@@ -190,6 +196,10 @@ impl Domain {
     /// When this returns, the SMMU can walk the new entries.
     pub fn map(&self, iova: u64, pa: PhysAddr, size: u64, prot: IoProt) -> Result<(), SmmuError> {
         let mut tables = self.tables.lock();
+        // The page table uses a block only for a whole aligned 2 MiB (or 1 GiB) inside the range.
+        if size >= BLOCK_2M {
+            self.may_hold_blocks.store(true, Ordering::Relaxed);
+        }
         let r = tables.map(iova, pa, size, prot.attr, prot.perms);
         self.publish_tables();
         Ok(r?)
@@ -212,7 +222,8 @@ impl Domain {
     /// driven and no table page is freed.
     pub fn unmap(&self, iova: u64, size: u64, strict: bool) -> Result<u64, SmmuError> {
         let mut tables = self.tables.lock();
-        let strict = strict || cuts_block(&tables, iova, size);
+        // Written under the tables' lock, like the blocks it announces.
+        let strict = strict || (self.may_hold_blocks.load(Ordering::Relaxed) && cuts_block(&tables, iova, size));
         let mut tlb = IoTlb::new(self, !strict);
         let r = tables.unmap_keep_tables(iova, size, &mut tlb);
         self.publish_tables();
