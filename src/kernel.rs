@@ -214,7 +214,8 @@ fn find_console(dt: &DeviceTree<'static>) -> Result<Option<(Uart, u64)>, crate::
 
 /// Maps the BCM2835 power manager, if the tree has one, for `exit`'s power-off; its address.
 fn find_power_manager(dt: &DeviceTree<'static>) -> Option<u64> {
-    let node = drivers::bcm2835_pm::COMPATIBLES.iter().find_map(|c| dt.find_compatible(c).next())?;
+    // One walk for all the compatibles: a walk of a large tree is tens of thousands of instructions.
+    let node = dt.nodes().find(|n| drivers::bcm2835_pm::COMPATIBLES.iter().any(|c| n.is_compatible(c)))?;
     let base = dt.reg0(&node).ok()?.base().0;
     kmap::early_map_device(base, drivers::bcm2835_pm::REGS_SIZE).ok()?;
     drivers::bcm2835_pm::set_base(base as usize);
@@ -225,10 +226,11 @@ fn find_power_manager(dt: &DeviceTree<'static>) -> Option<u64> {
 /// trees leave `/memory reg = <0 0>` for the firmware to fill); says so when it is used. A memory
 /// node that does not parse counts as describing RAM, so that the memory map reports it.
 fn firmware_ram(dt: &DeviceTree<'_>, fw: Option<&drivers::bcm2835_mbox::FirmwareInfo>) -> Option<crate::mm::memmap::Region> {
+    // The firmware's answer first: without a mailbox (QEMU virt) there is nothing to walk for.
+    let (base, size) = fw?.arm_memory?;
     if dt.memory().any(|r| r.map_or(true, |r| !r.is_empty())) {
         return None;
     }
-    let (base, size) = fw?.arm_memory?;
     let ram = crate::mm::memmap::Region::new(PhysAddr(u64::from(base)), u64::from(size)).filter(|r| !r.is_empty())?;
     println!("memory: the device tree describes no RAM; the firmware's mailbox gives {ram} ({})", HumanSize(ram.size()));
     Some(ram)

@@ -132,8 +132,8 @@ fn start(dt: &DeviceTree<'_>, node: &Node<'_>, kind: ChipKind) -> Result<Chip, I
 /// are reported and left out; devices behind them then get [`IrqError::NoDriver`].
 pub fn init(dt: &DeviceTree<'_>) {
     let mut found: Vec<Controller> = Vec::new();
-    for node in dt.nodes().filter(|n| n.is_available()) {
-        let Some(kind) = ChipKind::of(&node) else { continue };
+    // The kind first: most nodes are no interrupt controller, and that is one property lookup.
+    for (node, kind) in dt.nodes().filter_map(|n| ChipKind::of(&n).map(|k| (n, k))).filter(|(n, _)| n.is_available()) {
         match start(dt, &node, kind) {
             Ok(chip) => found.push(Controller { kind, node: node.offset(), name: Name::new(node.name()), chip, parent: None }),
             Err(e) => println!("irq: {} `{}`: {e}", kind.name(), node.name()),

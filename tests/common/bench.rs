@@ -114,6 +114,22 @@ pub const CONFIGS: &[Config] = &[
         what: "the same disks with swiotlb=force (dma-direct bounces) and iommu.strict=0 (lazy)",
     },
     Config {
+        name: "aarch64-raspi3b",
+        arch: "aarch64",
+        machine: &["--machine", "raspi3b"],
+        bootargs: "",
+        benches: "dma_engine_direct",
+        what: "QEMU raspi3b (the project's DTS): the BCM2835 DMA engine through dma-direct",
+    },
+    Config {
+        name: "aarch64-raspi3b-swiotlb",
+        arch: "aarch64",
+        machine: &["--machine", "raspi3b"],
+        bootargs: "swiotlb=force",
+        benches: "dma_engine_swiotlb",
+        what: "the same with swiotlb=force",
+    },
+    Config {
         name: "armv7",
         arch: "armv7",
         machine: ARMV7_VIRT,
@@ -160,6 +176,22 @@ pub const CONFIGS: &[Config] = &[
         bootargs: "swiotlb=force iommu.strict=0",
         benches: "virtio_*",
         what: "the same disks with swiotlb=force (dma-direct bounces) and iommu.strict=0 (lazy)",
+    },
+    Config {
+        name: "armv7-raspi2b",
+        arch: "armv7",
+        machine: &["--machine", "raspi2b"],
+        bootargs: "",
+        benches: "dma_engine_direct",
+        what: "QEMU raspi2b (the project's DTS): the BCM2835 DMA engine through dma-direct",
+    },
+    Config {
+        name: "armv7-raspi2b-swiotlb",
+        arch: "armv7",
+        machine: &["--machine", "raspi2b"],
+        bootargs: "swiotlb=force",
+        benches: "dma_engine_swiotlb",
+        what: "the same with swiotlb=force",
     },
 ];
 
