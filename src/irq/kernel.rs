@@ -132,20 +132,24 @@ fn start(dt: &DeviceTree<'_>, node: &Node<'_>, kind: ChipKind) -> Result<Chip, I
 /// are reported and left out; devices behind them then get [`IrqError::NoDriver`].
 pub fn init(dt: &DeviceTree<'_>) {
     let mut found: Vec<Controller> = Vec::new();
+    // The started controllers' nodes, in `found`'s order, for the chaining below (no second walk).
+    let mut nodes = Vec::new();
     // The kind first: most nodes are no interrupt controller, and that is one property lookup.
     for (node, kind) in dt.nodes().filter_map(|n| ChipKind::of(&n).map(|k| (n, k))).filter(|(n, _)| n.is_available()) {
         match start(dt, &node, kind) {
-            Ok(chip) => found.push(Controller { kind, node: node.offset(), name: Name::new(node.name()), chip, parent: None }),
+            Ok(chip) => {
+                found.push(Controller { kind, node: node.offset(), name: Name::new(node.name()), chip, parent: None });
+                nodes.push(node);
+            }
             Err(e) => println!("irq: {} `{}`: {e}", kind.name(), node.name()),
         }
     }
     // Chain: a controller's own first interrupt names its parent line, unless it is itself.
-    for i in 0..found.len() {
-        let Some(node) = dt.nodes().find(|n| n.offset() == found[i].node) else { continue };
+    for (i, node) in nodes.iter().enumerate() {
         if !node.has_property("interrupts") && !node.has_property("interrupts-extended") {
             continue;
         }
-        match spec_of(dt, &node, 0).and_then(|s| resolve_in(&found, &s)) {
+        match spec_of(dt, node, 0).and_then(|s| resolve_in(&found, &s)) {
             Ok(p) if p.chip != i => found[i].parent = Some(p),
             Ok(_) => {}
             Err(e) => println!("irq: {} `{}`: its parent line: {e}", found[i].kind.name(), found[i].name),
